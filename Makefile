@@ -1,0 +1,34 @@
+# `make install` builds .venv from scratch; `make test` runs the suite (installing first if needed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# nvcc is found here when it is not on PATH; the extension builds CUDA kernels when a toolkit is found and
+# either a GPU is visible or FORCE_CUDA=1.
+export CUDA_HOME ?= $(shell dirname $$(dirname $$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)))
+
+.PHONY: install test build-ext bench-op demo clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt
+	bash scripts/install_detectron2.sh $(PY)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -c "import sparse_detr, sparse_detr.layers as L; print('sparse_detr', sparse_detr.__version__, '| compiled op:', L.ms_deform_attn_available())"
+	touch $(STAMP)
+
+$(STAMP):
+	$(MAKE) install
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Rebuild the extension in place after editing csrc/ (faster than a full install).
+build-ext: $(STAMP)
+	$(PY) setup.py build_ext --inplace
+
+bench-op: $(STAMP)
+	$(PY) projects/SparseDETR/bench_op.py
+
+clean:
+	rm -rf build *.egg-info sparse_detr/_C*.so

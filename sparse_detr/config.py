@@ -1,0 +1,91 @@
+"""Config keys of this project, added to a detectron2 `CfgNode` by :func:`add_sparse_detr_config`.
+
+Every key has the reference implementation's default (kakaobrain/sparse-detr, `main.py`), so the base config is
+plain Deformable DETR and each paper row switches on what it needs. YACS rejects keys that are not defined here;
+that check is kept on so a typo in a config file is an error, not a silently ignored option.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_sparse_detr_config(cfg: CN) -> None:
+    """Add the keys of the SparseDETR meta-architecture, the timm Swin backbone, the DETR solver and data pipeline."""
+    _add_model_config(cfg)
+    _add_swin_config(cfg)
+    _add_solver_config(cfg)
+    _add_data_config(cfg)
+
+
+def _add_model_config(cfg: CN) -> None:
+    _C = cfg
+    _C.MODEL.SPARSE_DETR = CN()
+    S = _C.MODEL.SPARSE_DETR
+    # 80 for detectron2's contiguous COCO ids; the reference checkpoints use 91 (see the converter).
+    S.NUM_CLASSES = 80
+    # Backbone features fed to the transformer (strides 8, 16, 32); extra levels come from stride-2 convs.
+    S.IN_FEATURES = ["res3", "res4", "res5"]
+    S.NUM_FEATURE_LEVELS = 4
+    S.HIDDEN_DIM = 256
+    S.NHEADS = 8
+    S.ENC_LAYERS = 6
+    S.DEC_LAYERS = 6
+    S.DIM_FEEDFORWARD = 1024
+    S.DROPOUT = 0.1
+    S.NUM_QUERIES = 300
+    S.ENC_N_POINTS = 4
+    S.DEC_N_POINTS = 4
+    # Paper variants: Deformable DETR (+ WITH_BOX_REFINE, + TWO_STAGE), Efficient DETR (+ EFF_QUERY_INIT,
+    # EFF_SPECIFIC_HEAD), Sparse DETR (+ RHO > 0, USE_ENC_AUX_LOSS).
+    S.WITH_BOX_REFINE = False
+    S.TWO_STAGE = False
+    S.EFF_QUERY_INIT = False
+    S.EFF_SPECIFIC_HEAD = False
+    # Keeping ratio of encoder tokens; 0 = dense encoder (no scoring network).
+    S.RHO = 0.0
+    # Keeping ratio used at inference; a value <= 0 means "same as RHO". Lets a model trained at one ratio be
+    # evaluated at another without retraining.
+    S.TEST_RHO = -1.0
+    S.USE_ENC_AUX_LOSS = False
+    # Auxiliary decoding losses on every decoder layer.
+    S.AUX_LOSS = True
+    # Loss weights.
+    S.CLS_LOSS_COEF = 2.0
+    S.BBOX_LOSS_COEF = 5.0
+    S.GIOU_LOSS_COEF = 2.0
+    S.MASK_PREDICTION_COEF = 1.0
+    # Hungarian matcher costs.
+    S.SET_COST_CLASS = 2.0
+    S.SET_COST_BBOX = 5.0
+    S.SET_COST_GIOU = 2.0
+    S.FOCAL_ALPHA = 0.25
+    # Detections kept per image at inference (top-k over queries x classes).
+    S.NUM_DETECTIONS = 100
+
+
+def _add_swin_config(cfg: CN) -> None:
+    _C = cfg
+    _C.MODEL.SWIN = CN()
+    W = _C.MODEL.SWIN
+    # Any timm Swin name; the weights come from WEIGHTS, never from a hub download.
+    W.NAME = "swin_tiny_patch4_window7_224"
+    W.OUT_FEATURES = ["stage2", "stage3", "stage4"]
+    # As the reference: patch embedding and the first stage frozen ("frozen_stages=2" in its Swin code).
+    W.FROZEN_STAGES = 2
+    W.DROP_PATH_RATE = 0.2
+    # Local path to a timm/official Swin checkpoint; "" = random init.
+    W.WEIGHTS = ""
+
+
+def _add_solver_config(cfg: CN) -> None:
+    _C = cfg
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+    # Backbone lr = BASE_LR * BACKBONE_MULTIPLIER (2e-5 in the paper).
+    _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Parameters whose name contains one of these get BASE_LR * LINEAR_PROJ_MULTIPLIER.
+    _C.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
+    _C.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+
+
+def _add_data_config(cfg: CN) -> None:
+    _C = cfg
+    # Keep decoded training images in memory (the reference's --cache_mode).
+    _C.DATALOADER.CACHE_IMAGES = False
