@@ -22,12 +22,12 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    extra = {"cxx": ["-O3", "-std=c++20"]}
     define_macros = []
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
