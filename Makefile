@@ -2,9 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# nvcc is found here when it is not on PATH; the extension builds CUDA kernels when a toolkit is found and
-# either a GPU is visible or FORCE_CUDA=1.
-export CUDA_HOME ?= $(shell dirname $$(dirname $$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)))
+# The CUDA toolkit: CUDA_HOME if set, else /usr/local/cuda, else the folder above nvcc's bin/. (torch's own guess
+# takes `which nvcc`/../.., which is wrong where nvcc is a wrapper script in /usr/local/bin, as on this machine.)
+# The extension builds CUDA kernels when a toolkit is found and either a GPU is visible or FORCE_CUDA=1.
+CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
+export CUDA_HOME
 
 .PHONY: install test build-ext bench-op demo clean
 
