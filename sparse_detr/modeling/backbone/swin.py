@@ -8,7 +8,6 @@ shifts first and pads afterwards. Following the detection variant keeps released
 numerically exact on every image size.
 """
 import logging
-import os
 from typing import Dict, List, Mapping
 
 import timm
@@ -19,6 +18,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
+
+from .weights import load_weights_file
 
 __all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict"]
 
@@ -203,15 +204,7 @@ def _block_forward(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor
 
 
 def _read_checkpoint(path: str) -> Mapping[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.SWIN.WEIGHTS: no such file {path!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # e.g. the official files' pickled training config: not loadable as plain tensors
-        logger.warning(f"{path} holds more than tensors ({e.__class__.__name__}); loading it in full pickle mode")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"MODEL.SWIN.WEIGHTS {path!r} does not hold a state dict (got {type(checkpoint).__name__})")
+    checkpoint = load_weights_file(path, what="MODEL.SWIN.WEIGHTS")
     for key in ("model", "state_dict"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             return checkpoint[key]
