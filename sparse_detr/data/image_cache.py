@@ -1,0 +1,48 @@
+"""An in-memory image cache, the counterpart of the reference's ``--cache_mode``.
+
+The cache holds each image file's encoded bytes inside its dataset dict (key ``"image_bytes"``), not decoded
+pixels: decoded COCO train2017 would take ~100 GB per process, the encoded files ~19 GB, and the point of the
+option (as in the reference, which also caches file contents) is to avoid a slow file system, not the decode.
+Putting the bytes into the dataset dicts means detectron2's ``DatasetFromList`` serializes them into its one
+shared byte buffer, so data-loader workers read them without copying the cache per worker. Each training process
+still holds the whole cache once.
+"""
+import io
+import logging
+from typing import Any, Dict, List
+
+import numpy as np
+from PIL import Image
+
+from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["IMAGE_BYTES_KEY", "attach_image_bytes", "read_image"]
+
+IMAGE_BYTES_KEY = "image_bytes"
+
+logger = logging.getLogger(__name__)
+
+
+def attach_image_bytes(dataset_dicts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Read every ``file_name`` once and store its bytes under ``"image_bytes"`` (in place; returns the list)."""
+    total = 0
+    for d in dataset_dicts:
+        with PathManager.open(d["file_name"], "rb") as f:
+            d[IMAGE_BYTES_KEY] = f.read()
+        total += len(d[IMAGE_BYTES_KEY])
+    logger.info(f"Cached {len(dataset_dicts)} image files in memory ({total / 1024 ** 2:.1f} MiB).")
+    return dataset_dicts
+
+
+def read_image(dataset_dict: Dict[str, Any], image_format: str) -> np.ndarray:
+    """Decode the image of ``dataset_dict``: from its cached bytes (which are removed) or from ``file_name``.
+
+    Returns:
+        [H, W, C] uint8 array in ``image_format`` (as :func:`detectron2.data.detection_utils.read_image`).
+    """
+    data = dataset_dict.pop(IMAGE_BYTES_KEY, None)
+    if data is None:
+        return utils.read_image(dataset_dict["file_name"], format=image_format)
+    image = utils._apply_exif_orientation(Image.open(io.BytesIO(data)))
+    return utils.convert_PIL_to_numpy(image, image_format)
