@@ -1,0 +1,93 @@
+"""detectron2's DefaultTrainer with the reference's recipe and the DETR data pipeline."""
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data.build import build_detr_test_loader, build_detr_train_loader, load_dataset_dicts
+from .ddp import create_ddp_model
+from .optimizer import build_optimizer
+from .schedule import scale_schedule_to_batch_size
+
+__all__ = ["Trainer"]
+
+
+def check_device(cfg: CfgNode) -> None:
+    """Fail with a clear message when MODEL.DEVICE or AMP need CUDA that this machine does not have."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available; add MODEL.DEVICE cpu")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise RuntimeError("SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda (detectron2's AMPTrainer is CUDA-only)")
+
+
+class Trainer(DefaultTrainer):
+    """The paper's training loop: AdamW with three learning rates and full-model gradient clipping, the DETR
+    mapper, COCO evaluation, checkpoints and ``--resume`` through :class:`DetectionCheckpointer`, AMP with
+    ``SOLVER.AMP.ENABLED``, DDP on GPUs and (gloo) on CPUs.
+
+    Everything it reads is checked before the first iteration: the test datasets are loaded when it is built, the
+    training datasets when the training loader is.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ with two changes: the schedule is rescaled to the batch size (the DETR rule,
+        # see scale_schedule_to_batch_size), and CPU models are wrapped in DDP without device_ids.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = scale_schedule_to_batch_size(cfg)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_device(cfg)
+        for name in cfg.DATASETS.TEST:
+            load_dataset_dicts([name])
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        check_device(cfg)
+        model = build_model(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        logging.getLogger(__name__).info(f"Model: {type(model).__name__}, {n / 1e6:.2f}M parameters")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detr_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detr_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+        """Box AP with the official COCO API; detections and results are written to ``OUTPUT_DIR/inference``."""
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox",), output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        )
