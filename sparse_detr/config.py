@@ -77,15 +77,25 @@ def _add_swin_config(cfg: CN) -> None:
 
 def _add_solver_config(cfg: CN) -> None:
     _C = cfg
+    # "ADAMW" (the reference's) or "SGD" (its --sgd, with SOLVER.MOMENTUM).
     _C.SOLVER.OPTIMIZER = "ADAMW"
-    # Backbone lr = BASE_LR * BACKBONE_MULTIPLIER (2e-5 in the paper).
+    # Parameters whose name contains one of these (and none of LINEAR_PROJ_NAMES) get
+    # BASE_LR * BACKBONE_MULTIPLIER (2e-5 in the paper); the reference's --lr_backbone_names.
+    _C.SOLVER.BACKBONE_NAMES = ["backbone."]
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
-    # Parameters whose name contains one of these get BASE_LR * LINEAR_PROJ_MULTIPLIER.
+    # Parameters whose name contains one of these get BASE_LR * LINEAR_PROJ_MULTIPLIER, backbone or not.
     _C.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
     _C.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    # The total batch size that MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD are written
+    # for. With another IMS_PER_BATCH they are rescaled to keep the number of epochs; BASE_LR is kept, as the
+    # reference does (sparse_detr.engine.scale_schedule_to_batch_size). 0 = use the counts as written.
+    _C.SOLVER.REFERENCE_BATCH_SIZE = 0
 
 
 def _add_data_config(cfg: CN) -> None:
     _C = cfg
-    # Keep decoded training images in memory (the reference's --cache_mode).
+    # Keep the training images' file contents in memory (the reference's --cache_mode; see
+    # sparse_detr.data.image_cache for why encoded bytes and not decoded pixels).
     _C.DATALOADER.CACHE_IMAGES = False
+    # Shorter-side sizes of the resize before the random crop (the reference's RandomResize([400, 500, 600])).
+    _C.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
