@@ -1,17 +1,45 @@
 """Multi-scale deformable attention core: the compiled op and its pure-PyTorch reference, same signature.
 
-PLACEHOLDER until the compiled op lands: `ms_deform_attn` calls the reference.
+`ms_deform_attn` runs the custom op `torch.ops.sparse_detr.ms_deform_attn` built from csrc/ (CPU: float32/float64;
+CUDA: float32/float16/bfloat16/float64). The op has autograd and a fake (meta) kernel registered here, so it works
+under `torch.compile(fullgraph=True)`, `torch.export` and `torch.jit.trace` (fvcore's FLOP counter sees it as
+`sparse_detr::ms_deform_attn`). When the extension is missing, `ms_deform_attn` falls back to the reference
+`ms_deform_attn_pytorch` after one warning; importing never fails.
 """
-from typing import List
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_OP_NAME = "sparse_detr::ms_deform_attn"
+_BACKWARD_OP_NAME = "sparse_detr::ms_deform_attn_backward"
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _load_extension() -> Tuple[Optional[object], Optional[str]]:
+    try:
+        from sparse_detr import _C
+    except Exception as e:  # a missing or stale build must not break `import sparse_detr`
+        return None, f"{type(e).__name__}: {e}"
+    return _C, None
+
+
+_C, _LOAD_ERROR = _load_extension()
+if _C is None:
+    warnings.warn(
+        f"sparse_detr._C could not be loaded ({_LOAD_ERROR}); ms_deform_attn falls back to the pure-PyTorch "
+        "reference, which is much slower and needs much more memory. Build the extension with `make build-ext`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 
 def ms_deform_attn_available() -> bool:
     """True when the compiled extension `sparse_detr._C` is loaded."""
-    return False
+    return _C is not None
 
 
 def ms_deform_attn_pytorch(
@@ -50,4 +78,151 @@ def ms_deform_attn_pytorch(
     return out.transpose(1, 2).contiguous()
 
 
-ms_deform_attn = ms_deform_attn_pytorch
+def _check_inputs(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> None:
+    """Raises TypeError/ValueError naming the bad argument. The C++ op checks the same again."""
+    args = {
+        "value": (value, 4, "[N, S, M, D]"),
+        "spatial_shapes": (spatial_shapes, 2, "[L, 2]"),
+        "level_start_index": (level_start_index, 1, "[L]"),
+        "sampling_locations": (sampling_locations, 6, "[N, Lq, M, L, P, 2]"),
+        "attention_weights": (attention_weights, 5, "[N, Lq, M, L, P]"),
+    }
+    for name, (t, rank, layout) in args.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"ms_deform_attn: {name} must be {layout} ({rank} dims), got shape {tuple(t.shape)}")
+        if t.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
+
+    if not value.is_floating_point():
+        raise TypeError(f"ms_deform_attn: value must be floating point, got {value.dtype}")
+    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if t.dtype != value.dtype:
+            raise TypeError(f"ms_deform_attn: {name} has dtype {t.dtype} but value has {value.dtype}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"ms_deform_attn: {name} must be int64, got {t.dtype}")
+
+    N, S, M, _ = value.shape
+    L = spatial_shapes.shape[0]
+    Lq, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    expected = {
+        "spatial_shapes": (spatial_shapes, (L, 2)),
+        "level_start_index": (level_start_index, (L,)),
+        "sampling_locations": (sampling_locations, (N, Lq, M, L, P, 2)),
+        "attention_weights": (attention_weights, (N, Lq, M, L, P)),
+    }
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"ms_deform_attn: {name} has shape {tuple(t.shape)}, expected {shape} from value [N={N}, S={S}, "
+                f"M={M}, D], spatial_shapes [L={L}, 2] and sampling_locations [Lq={Lq}, P={P}]"
+            )
+
+    # Value checks need the data on the host: skipped while compiling or tracing (the C++ op still checks them
+    # on the CPU, and the CUDA kernels assert them on the device). On CUDA this costs one small host sync.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    shapes: List[List[int]] = spatial_shapes.tolist()
+    starts: List[int] = level_start_index.tolist()
+    total = 0
+    for lid, ((h, w), start) in enumerate(zip(shapes, starts)):
+        if h <= 0 or w <= 0:
+            raise ValueError(f"ms_deform_attn: spatial_shapes[{lid}] must be positive (H, W), got ({h}, {w})")
+        if start != total:
+            raise ValueError(
+                f"ms_deform_attn: level_start_index[{lid}] is {start} but spatial_shapes put level {lid} at {total}"
+            )
+        total += h * w
+    if total != S:
+        raise ValueError(f"ms_deform_attn: spatial_shapes add up to {total} positions but value has S = {S}")
+
+
+_warned_no_cuda_kernels = False
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention core (Deformable DETR's MSDeformAttn sampling and weighting).
+
+    Every query samples each of its M heads' values at L x P locations (bilinear, zeros outside the map,
+    align_corners=False, i.e. `grid_sample` semantics) and sums them weighted by `attention_weights`.
+
+    Args:
+        value: [N, S, M, D], the S = sum(H_l * W_l) tokens of all levels, level after level, row-major.
+        spatial_shapes: [L, 2] int64, (H_l, W_l) of each level.
+        level_start_index: [L] int64, offset of each level in S (the exclusive prefix sum of H_l * W_l).
+        sampling_locations: [N, Lq, M, L, P, 2] normalized (x, y): (0, 0) is the top-left corner of the map,
+            (1, 1) the bottom-right one.
+        attention_weights: [N, Lq, M, L, P], same dtype as value.
+    Returns:
+        [N, Lq, M * D], heads concatenated.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _C is None:
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.is_cuda and not _C.compiled_with_cuda():
+        global _warned_no_cuda_kernels
+        if not _warned_no_cuda_kernels:
+            _warned_no_cuda_kernels = True
+            warnings.warn(
+                "sparse_detr._C was built without CUDA kernels; ms_deform_attn falls back to the pure-PyTorch "
+                "reference on CUDA tensors. Rebuild on a machine with a CUDA toolkit (FORCE_CUDA=1 without a GPU).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    supported = _CUDA_DTYPES if value.is_cuda else _CPU_DTYPES
+    if value.dtype not in supported:
+        raise TypeError(
+            f"ms_deform_attn: value has dtype {value.dtype}; the {value.device.type.upper()} kernel supports "
+            f"{', '.join(str(d) for d in supported)}"
+        )
+    return torch.ops.sparse_detr.ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+def _register_op_python_parts() -> None:
+    """Fake kernels (shapes only, for torch.compile/export) and autograd of the compiled ops."""
+
+    @torch.library.register_fake(_OP_NAME)
+    def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        N, _, M, D = value.shape
+        return value.new_empty((N, sampling_locations.shape[1], M * D))
+
+    @torch.library.register_fake(_BACKWARD_OP_NAME)
+    def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return (
+            torch.empty_like(value, memory_format=torch.contiguous_format),
+            torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
+            torch.empty_like(attention_weights, memory_format=torch.contiguous_format),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = torch.ops.sparse_detr.ms_deform_attn_backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
+
+
+if _C is not None:
+    _register_op_python_parts()
