@@ -39,6 +39,15 @@ def tool():
     return module
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: a second thread only waits for the first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(opts=()):
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
