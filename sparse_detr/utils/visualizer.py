@@ -18,6 +18,7 @@ __all__ = ["draw_detections", "draw_token_selection", "make_grid", "render_salie
 # Share of brightness left on the tokens the encoder does not update.
 _DIM_DROPPED = 0.25
 _TITLE_HEIGHT = 22
+_FONT_SCALE = 0.45
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -103,7 +104,10 @@ def make_grid(
             _check_image(panel)
             y, x = i * cell_h, j * pw
             grid[y + _TITLE_HEIGHT : y + cell_h, x : x + pw] = cv2.resize(panel, (pw, ph), interpolation=cv2.INTER_AREA)
-            cv2.putText(grid, title, (x + 4, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            # shrink the font of titles wider than the panel
+            width = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1)[0][0]
+            scale = _FONT_SCALE * min(1.0, (pw - 8) / max(width, 1))
+            cv2.putText(grid, title, (x + 4, y + 16), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return grid
 
 

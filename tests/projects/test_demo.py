@@ -1,0 +1,104 @@
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "projects" / "SparseDETR" / "demo.py"
+# a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
+CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
+DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
+         "MODEL.SPARSE_DETR.EFF_QUERY_INIT", "False", "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD", "False"]
+H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at the input size
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("demo", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _image(seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.full((H, W, 3), 90, dtype=np.uint8)
+    cv2.rectangle(image, (10, 10), (50, 60), (30, 200, 40), -1)
+    cv2.circle(image, (90, 40), 20, (220, 60, 60), -1)
+    return np.clip(image + rng.integers(0, 20, image.shape), 0, 255).astype(np.uint8)
+
+
+def _write_images(tmp_path, n):
+    paths = []
+    for i in range(n):
+        path = tmp_path / "in" / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(path), _image(i))
+        paths.append(path)
+    return paths
+
+
+def test_sparse_model_picture_has_detections_and_per_level_panels(tool, tmp_path):
+    (src,) = _write_images(tmp_path, 1)
+    out = tmp_path / "out.png"
+    written = tool.main(["--config-file", CONFIG, "--input", str(src), "--output", str(out),
+                         "--confidence-threshold", "0.0"])
+    assert written == [str(out)]
+    figure = cv2.imread(str(out))
+    assert figure is not None
+    # 2 rows (detections + saliency, input + kept tokens) x (1 + 4 levels), a 22 px title above each panel
+    assert figure.shape == (2 * (H + 22), 5 * W, 3)
+    panels = [figure[r * (H + 22) + 22 : (r + 1) * (H + 22), c * W : (c + 1) * W] for r in range(2) for c in range(5)]
+    source = cv2.imread(str(src))
+    np.testing.assert_array_equal(panels[5], source)  # the input, untouched
+    assert not np.array_equal(panels[0], source)  # boxes drawn
+    for heat in panels[1:5]:
+        assert heat.std() > 5 and np.abs(heat.astype(int) - source).mean() > 10  # coloured, not the input
+    # rho = 0.3 keeps some tokens and dims the others: every kept-token panel has full-brightness and dimmed pixels
+    dimmed = [np.mean(np.all(p == (source * 0.25).astype(np.uint8), axis=-1)) for p in panels[6:]]
+    bright = [np.mean(np.all(p == source, axis=-1)) for p in panels[6:]]
+    assert sum(bright) > 0 and sum(dimmed) > 0
+    assert all(b + d > 0.99 for b, d in zip(bright, dimmed))
+
+
+def test_dense_model_and_glob_inputs(tool, tmp_path):
+    _write_images(tmp_path, 2)
+    written = tool.main(["--config-file", CONFIG, "--input", str(tmp_path / "in" / "*.png"),
+                         "--output", str(tmp_path / "out"), "--confidence-threshold", "0.0"] + DENSE)
+    assert sorted(Path(p).name for p in written) == ["img0.png", "img1.png"]
+    for path in written:
+        assert cv2.imread(path).shape == (H, W, 3)  # detections only
+
+
+def test_video(tool, tmp_path):
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (W, H))
+    for i in range(3):
+        writer.write(_image(i))
+    writer.release()
+    (out,) = tool.main(["--config-file", CONFIG, "--video-input", video, "--output", str(tmp_path / "vis")])
+    capture = cv2.VideoCapture(out)
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    ok, frame = capture.read()
+    capture.release()
+    assert frames == 3 and ok and frame.shape == (2 * (H + 22), 5 * W, 3)
+
+
+def test_bad_arguments(tool, tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        tool.main(["--config-file", CONFIG, "--output", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        tool.main(["--config-file", CONFIG, "--input", str(tmp_path / "nothing_here*.jpg"), "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match="confidence-threshold"):
+        tool.main(["--config-file", CONFIG, "--input", "x", "--output", str(tmp_path), "--confidence-threshold", "2"])
