@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Train or evaluate Sparse DETR (and the Deformable/Efficient DETR rows) with detectron2.
+
+    python train_net.py --config-file configs/r50/sparse_detr_rho_0.1.yaml --num-gpus 8
+    python train_net.py --config-file configs/demo/sparse_detr_shapes.yaml            # the CPU demo
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint.pth>
+    python train_net.py --config-file <cfg> --num-gpus 8 --resume                    # continue a killed run
+
+Multi-node: add ``--num-machines N --machine-rank R --dist-url tcp://<ip of rank 0>:<port>``. Without CUDA,
+``--num-gpus N`` starts N CPU processes that talk over gloo.
+"""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import sparse_detr  # noqa: F401  registers the meta-architecture and backbones
+import sparse_detr.data  # noqa: F401  registers the synthetic datasets
+from sparse_detr import add_sparse_detr_config
+from sparse_detr.data.build import load_dataset_dicts
+from sparse_detr.engine import Trainer
+
+
+def merge_opts(cfg: CfgNode, opts) -> None:
+    """``cfg.merge_from_list(opts)`` with a KeyError for an unknown key, as ``merge_from_file`` raises; yacs only
+    asserts there, which ``python -O`` would skip."""
+    if len(opts) % 2:
+        raise ValueError(f"Command-line overrides must be KEY VALUE pairs, got an odd number: {opts}")
+    for key in opts[0::2]:
+        if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+            continue  # yacs handles these itself
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise KeyError(f"Non-existent config key: {key}")
+            node = node[part]
+    cfg.merge_from_list(opts)
+
+
+def setup(args) -> CfgNode:
+    cfg = get_cfg()
+    add_sparse_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)  # unknown keys raise here, before anything runs
+    merge_opts(cfg, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        if not cfg.MODEL.WEIGHTS and not args.resume:
+            logging.getLogger("detectron2").warning("MODEL.WEIGHTS is empty: evaluating a randomly initialized model")
+        for name in cfg.DATASETS.TEST:
+            load_dataset_dicts([name])  # fail on a bad dataset before building the model
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
