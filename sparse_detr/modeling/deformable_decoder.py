@@ -1,0 +1,142 @@
+"""Deformable decoder: query self-attention, deformable cross-attention to the encoder memory, optional iterative
+box refinement."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.box_ops import inverse_sigmoid
+from ..layers.multi_scale_deform_attn import MSDeformAttn
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention among the queries, deformable cross-attention to the memory, FFN; post-norm, ReLU.
+
+    Args:
+        d_model: channels.
+        d_ffn: FFN hidden channels.
+        dropout: dropout in attention and after every block.
+        n_levels, n_heads, n_points: see :class:`MSDeformAttn` (n_heads also for the self-attention).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+    ):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        # sequence-first with need_weights (the default): the plain matmul/softmax path, which FLOP counters see
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            tgt: [N, Q, C] query features.
+            query_pos: [N, Q, C] query position embedding.
+            reference_points: [N, Q, L, 2 or 4] in each level's padded frame.
+            memory: [N, S, C] encoder output.
+            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
+        Returns:
+            tgt: [N, Q, C]
+            sampling_locations: [N, Q, M, L, P, 2], attention_weights: [N, Q, M, L, P] of the cross-attention.
+        """
+        q = (tgt + query_pos).transpose(0, 1)
+        attn = self.self_attn(q, q, tgt.transpose(0, 1))[0].transpose(0, 1)
+        tgt = self.norm2(tgt + self.dropout2(attn))
+
+        attn, sampling_locations, attention_weights = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
+        )
+        tgt = self.norm1(tgt + self.dropout1(attn))
+
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        tgt = self.norm3(tgt + self.dropout4(ffn))
+        return tgt, sampling_locations, attention_weights
+
+
+class DeformableDecoder(nn.Module):
+    """A stack of :class:`DeformableDecoderLayer`.
+
+    Args:
+        num_layers: number of layers.
+        **layer_kwargs: arguments of :class:`DeformableDecoderLayer`.
+    """
+
+    def __init__(self, num_layers: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        padding_mask: Optional[Tensor],
+        bbox_heads: Optional[Sequence[nn.Module]] = None,
+    ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
+        """
+        Args:
+            tgt: [N, Q, C] initial query features.
+            query_pos: [N, Q, C]
+            reference_points: [N, Q, 2] points or [N, Q, 4] boxes (cxcywh), normalized by the valid image area.
+            memory: [N, S, C]
+            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
+            valid_ratios: [N, L, 2] (w, h).
+            bbox_heads: per layer, a head predicting box deltas in logit space from that layer's output; given,
+                each layer's reference becomes the refined (detached) box of the previous one.
+        Returns:
+            hs: [num_layers, N, Q, C] output of every layer.
+            references: per layer, the reference it got, [N, Q, 2 or 4] (its box predictions are deltas on it);
+                point references become boxes after the first refinement.
+            sampling_locations, attention_weights: per layer, of the cross-attention (see the layer).
+        """
+        hs, references, sampling_locations, attention_weights = [], [], [], []
+        output = tgt
+        for lid, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                ref_input = reference_points[:, :, None] * valid_ratios[:, None]
+            references.append(reference_points)
+            output, locations, weights = layer(output, query_pos, ref_input, memory, spatial_shapes,
+                                               level_start_index, padding_mask)
+            hs.append(output)
+            sampling_locations.append(locations)
+            attention_weights.append(weights)
+            if bbox_heads is not None:
+                delta = bbox_heads[lid](output)
+                if reference_points.shape[-1] == 4:
+                    refined = delta + inverse_sigmoid(reference_points)
+                else:
+                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                reference_points = refined.sigmoid().detach()
+        return torch.stack(hs), references, sampling_locations, attention_weights

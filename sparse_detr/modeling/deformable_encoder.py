@@ -1,0 +1,194 @@
+"""Deformable encoder with Sparse DETR's sparse token update.
+
+Dense (Deformable DETR): every token is a query and the output replaces all of them. Sparse (Sparse DETR): only the
+selected tokens are queries; they still attend to all tokens (keys/values), and after each layer each image writes
+back its first `num_kept` updated tokens into the full token map, which the next layer reads as values.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.multi_scale_deform_attn import MSDeformAttn
+
+
+def gather_tokens(x: Tensor, inds: Tensor) -> Tensor:
+    """x: [N, S, C], inds: [N, K] -> x[n, inds[n, k]]: [N, K, C]"""
+    return x.gather(1, inds[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_sparse_tokens(full: Tensor, tokens: Tensor, topk_inds: Tensor, kept: Tensor) -> Tensor:
+    """Write updated tokens back into the token map, per image only those marked `kept`.
+
+    Vectorized over the batch: the positions not kept are written their own current value, so one scatter serves
+    all images (each row of topk_inds has distinct indices, so the scatter is deterministic).
+
+    Args:
+        full: [N, S, C] the token map.
+        tokens: [N, K, C] updated tokens, token k of image n belongs at full[n, topk_inds[n, k]].
+        topk_inds: [N, K] long.
+        kept: [N, K] bool.
+    Returns:
+        [N, S, C] a new map.
+    """
+    index = topk_inds[..., None].expand(-1, -1, full.shape[-1])
+    src = torch.where(kept[..., None], tokens, full.gather(1, index))
+    return full.scatter(1, index, src)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable attention of the queries over all tokens, then an FFN; post-norm, ReLU.
+
+    Args:
+        d_model: channels.
+        d_ffn: FFN hidden channels.
+        dropout: dropout after attention, inside and after the FFN.
+        n_levels, n_heads, n_points: see :class:`MSDeformAttn`.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+    ):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Optional[Tensor],
+    ) -> Tensor:
+        """
+        Args:
+            query: [N, Q, C] the tokens to update (all of them, or the selected ones).
+            query_pos: [N, Q, C] their position + level embedding.
+            reference_points: [N, Q, L, 2]
+            value: [N, S, C] all tokens.
+            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
+        Returns:
+            [N, Q, C] updated queries.
+        """
+        attn = self.self_attn(query + query_pos, reference_points, value, spatial_shapes, level_start_index,
+                              padding_mask)[0]
+        query = self.norm1(query + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
+        return self.norm2(query + self.dropout3(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of :class:`DeformableEncoderLayer`, dense or sparse.
+
+    Args:
+        num_layers: number of layers.
+        **layer_kwargs: arguments of :class:`DeformableEncoderLayer`.
+    """
+
+    def __init__(self, num_layers: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.num_layers = num_layers
+
+    @staticmethod
+    def get_reference_points(shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+        """The centre of every token, normalized by the valid (unpadded) extent of its own level, then mapped into
+        each level's padded frame.
+
+        Args:
+            shapes: (H_l, W_l) of each level.
+            valid_ratios: [N, L, 2] (w, h) share of each level not padded.
+        Returns:
+            [N, S, L, 2] normalized (x, y).
+        """
+        device = valid_ratios.device
+        points = []
+        for lvl, (h, w) in enumerate(shapes):
+            ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
+            xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
+            ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        shapes: Sequence[Tuple[int, int]],
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        padding_mask: Tensor,
+        topk_inds: Optional[Tensor] = None,
+        num_kept: Optional[Tensor] = None,
+        aux_class_heads: Optional[Sequence[nn.Module]] = None,
+        aux_bbox_heads: Optional[Sequence[nn.Module]] = None,
+        aux_proposals: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+        """
+        Args:
+            src: [N, S, C] flattened multi-level tokens.
+            pos: [N, S, C] position + level embedding.
+            shapes: (H_l, W_l) of each level, as Python ints; spatial_shapes: the same as a [L, 2] long tensor.
+            level_start_index: [L] long.
+            valid_ratios: [N, L, 2] (w, h).
+            padding_mask: [N, S] bool, True on padded tokens.
+            topk_inds: [N, K] selected tokens (sparse encoder), None for the dense encoder.
+            num_kept: [N] long, how many of topk_inds[i] image i updates (needed with topk_inds).
+            aux_class_heads, aux_bbox_heads: heads applied to the queries after each layer but the last (the
+                encoder auxiliary loss); None to skip.
+            aux_proposals: [N, S, 4] unactivated anchor boxes of every token, the base of the aux box predictions.
+        Returns:
+            memory: [N, S, C]
+            aux_outputs: per layer but the last, (logits [N, Q, num_classes], boxes [N, Q, 4] cxcywh in [0, 1])
+                for the Q queries of that layer (the K selected tokens, or all S); empty without aux heads.
+        """
+        reference_points = self.get_reference_points(shapes, valid_ratios)
+        sparse = topk_inds is not None
+        if sparse:
+            if num_kept is None:
+                raise ValueError("the sparse encoder needs num_kept together with topk_inds")
+            N, K = topk_inds.shape
+            L = reference_points.shape[2]
+            reference_points = gather_tokens(reference_points.flatten(2), topk_inds).view(N, K, L, 2)
+            query = gather_tokens(src, topk_inds)
+            query_pos = gather_tokens(pos, topk_inds)
+            kept = torch.arange(K, device=src.device)[None] < num_kept[:, None]
+        else:
+            query, query_pos = src, pos
+        with_aux = aux_class_heads is not None and aux_bbox_heads is not None
+        if with_aux:
+            if aux_proposals is None:
+                raise ValueError("encoder aux heads need aux_proposals")
+            if sparse:
+                aux_proposals = gather_tokens(aux_proposals, topk_inds)
+
+        output = src
+        aux_outputs: List[Tuple[Tensor, Tensor]] = []
+        for lid, layer in enumerate(self.layers):
+            query = layer(query, query_pos, reference_points, output, spatial_shapes, level_start_index,
+                          padding_mask)
+            output = scatter_sparse_tokens(output, query, topk_inds, kept) if sparse else query
+            if with_aux and lid < self.num_layers - 1:
+                logits = aux_class_heads[lid](query)
+                boxes = (aux_proposals + aux_bbox_heads[lid](query)).sigmoid()
+                aux_outputs.append((logits, boxes))
+        return output, aux_outputs
