@@ -47,9 +47,13 @@ def setup(args) -> CfgNode:
     cfg.merge_from_file(args.config_file)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.merge_from_list(args.opts)
-    cfg.freeze()
     setup_logger(name="fvcore")
     setup_logger()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # counts do not depend on the device
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: counting on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
     return cfg
 
 

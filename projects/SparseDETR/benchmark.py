@@ -158,6 +158,8 @@ def main(argv=None) -> Dict[str, Any]:
     if len(devices) != 1:
         raise ValueError(f"all configs must run on one MODEL.DEVICE, got {sorted(devices)}")
     device = torch.device(devices.pop())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("MODEL.DEVICE is cuda but no GPU is available: add MODEL.DEVICE cpu to measure on the CPU")
     models = OrderedDict()
     for path, cfg in cfgs.items():
         torch.manual_seed(0)

@@ -39,6 +39,9 @@ def setup_cfg(args) -> CfgNode:
     add_sparse_detr_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: running on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
