@@ -1,4 +1,5 @@
 """Models of this project; importing it registers `SparseDETR` in detectron2's META_ARCH_REGISTRY."""
+from . import backbone  # registers build_swin_backbone in BACKBONE_REGISTRY
 from .criterion import SetCriterion, build_weight_dict
 from .deformable_decoder import DeformableDecoder, DeformableDecoderLayer
 from .deformable_encoder import DeformableEncoder, DeformableEncoderLayer
