@@ -152,3 +152,18 @@ def test_bad_arguments(tool):
         tool.main(["--config-file", CONFIG, "--tasks", "parameter", "--eval-only"])
     with pytest.raises(ValueError, match="height and width"):
         random_input(0, 10)
+
+
+@pytest.mark.parametrize(
+    "config, trainable, without_aux",
+    [("configs/r50/sparse_detr_rho_0.1.yaml", 41_714_805, 40_934_810),
+     ("configs/swin_t/sparse_detr_rho_0.1.yaml", 42_176_153, 41_396_158)],
+)
+def test_parameter_counts_of_the_paper_rows(tool, config, trainable, without_aux):
+    # the reference's counts with 91 classes; the paper's 40.9M / 41.4M leave out the encoder aux heads
+    argv = ["--tasks", "parameter", "--config-file", str(ROOT / config), "MODEL.SPARSE_DETR.NUM_CLASSES", "91"]
+    out = tool.main(argv)
+    assert out["parameter"]["trainable"] == trainable
+    cfg = tool.setup(tool.get_parser().parse_args(argv))
+    parts = parameter_breakdown(build_model(cfg))
+    assert parts["total"] - parts["encoder aux heads"] == without_aux
