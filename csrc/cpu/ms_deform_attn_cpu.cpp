@@ -64,16 +64,8 @@ inline void forward_rows(const Inputs<scalar_t>& in, int64_t begin, int64_t end,
   }
 }
 
-// How many queries ahead the backward prefetches a head's per-query rows.
-constexpr int64_t kPrefetchQueries = 4;
-
-template <typename T>
-inline void prefetch_span(const T* p, int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t i = 0; i < n; i += kLine) {
-    __builtin_prefetch(p + i);
-  }
-}
+// Partial sums per quantity in the backward's channel loop: one AVX-512 vector of float.
+constexpr int kLanes = 16;
 
 // Plain adds: the caller guarantees that no other thread writes the same rows.
 template <typename scalar_t>
@@ -82,7 +74,75 @@ struct PlainAdder {
   void operator()(int64_t i, scalar_t amount, bool /*inside: amount is zero when false*/) { base[i] += amount; }
 };
 
-// Backward over the flat (n, m) range [begin, end), every query of each head.
+// Backward of one (n, q, m): scatters into grad_value[n, :, m, :] and writes the location and attention-weight
+// gradients of the query's L * P samples.
+template <typename scalar_t>
+inline void backward_query_head(const Inputs<scalar_t>& in,
+                                int64_t n,
+                                int64_t q,
+                                int64_t m,
+                                const scalar_t* grad_output,
+                                scalar_t* grad_value,
+                                scalar_t* grad_sampling_locations,
+                                scalar_t* grad_attention_weights) {
+  const auto& s = in.s;
+  const int64_t M = s.num_heads, D = s.head_dim, L = s.num_levels, P = s.num_points;
+  const int64_t row_stride = M * D;
+  const int64_t head_offset = n * s.num_values * row_stride + m * D;
+  const int64_t nqm = (n * s.num_queries + q) * M + m;
+  const scalar_t* go = grad_output + nqm * D;
+  const scalar_t* loc = in.sampling_locations + nqm * L * P * 2;
+  const scalar_t* attn = in.attention_weights + nqm * L * P;
+  scalar_t* g_loc = grad_sampling_locations + nqm * L * P * 2;
+  scalar_t* g_attn = grad_attention_weights + nqm * L * P;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t height = in.spatial_shapes[2 * l], width = in.spatial_shapes[2 * l + 1];
+    const int64_t level_offset = head_offset + in.level_start[l] * row_stride;
+    const scalar_t* level_value = in.value + level_offset;
+    PlainAdder<scalar_t> add{grad_value + level_offset};
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t lp = l * P + p;
+      const auto pt = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
+      const scalar_t a = attn[lp];
+      // Each channel sum is kept as kLanes partial sums, so that the channel loop vectorizes without reassociating
+      // one accumulator, and folded once per sample by halving (GCC's `omp simd reduction` folds its lane copies
+      // with one scalar add each).
+      scalar_t sum_x[kLanes] = {}, sum_y[kLanes] = {}, sum_a[kLanes] = {};
+      const auto accumulate = [&](int64_t c, int lane) {
+        const auto b = msda_scatter(pt, level_value, row_stride, c, go[c] * a, add);
+        sum_a[lane] += go[c] * b.sample;
+        sum_x[lane] += b.grad_x;
+        sum_y[lane] += b.grad_y;
+      };
+      int64_t c0 = 0;
+      for (; c0 + kLanes <= D; c0 += kLanes) {
+        // Channels touch disjoint addresses, so the lanes are independent.
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) {
+          accumulate(c0 + j, j);
+        }
+      }
+      for (int j = 0; c0 + j < D; ++j) {
+        accumulate(c0 + j, j);
+      }
+      for (int half = kLanes / 2; half > 0; half /= 2) {
+        for (int j = 0; j < half; ++j) {
+          sum_x[j] += sum_x[j + half];
+          sum_y[j] += sum_y[j + half];
+          sum_a[j] += sum_a[j + half];
+        }
+      }
+      // d(pixel x)/d(normalized x) = width, and likewise for y.
+      g_loc[2 * lp] = sum_x[0] * static_cast<scalar_t>(width);
+      g_loc[2 * lp + 1] = sum_y[0] * static_cast<scalar_t>(height);
+      g_attn[lp] = sum_a[0];
+    }
+  }
+}
+
+// Backward over the flat (n, m) range [begin, end), every query of each head. Within one n the task's heads are
+// visited query by query, so that a query's rows are read in order and the value rows it samples once for all
+// of them.
 template <typename scalar_t>
 inline void backward_heads(const Inputs<scalar_t>& in,
                            int64_t begin,
@@ -91,50 +151,14 @@ inline void backward_heads(const Inputs<scalar_t>& in,
                            scalar_t* grad_value,
                            scalar_t* grad_sampling_locations,
                            scalar_t* grad_attention_weights) {
-  const auto& s = in.s;
-  const int64_t M = s.num_heads, D = s.head_dim, L = s.num_levels, P = s.num_points, Lq = s.num_queries;
-  const int64_t row_stride = M * D;
-  for (int64_t nm = begin; nm < end; ++nm) {
-    const int64_t n = nm / M, m = nm % M;
-    const int64_t head_offset = n * s.num_values * row_stride + m * D;
-    for (int64_t q = 0; q < Lq; ++q) {
-      const int64_t nqm = (n * Lq + q) * M + m;
-      const scalar_t* go = grad_output + nqm * D;
-      const scalar_t* loc = in.sampling_locations + nqm * L * P * 2;
-      const scalar_t* attn = in.attention_weights + nqm * L * P;
-      scalar_t* g_loc = grad_sampling_locations + nqm * L * P * 2;
-      scalar_t* g_attn = grad_attention_weights + nqm * L * P;
-      // A head's per-query rows are M rows apart, a stride the hardware prefetcher follows poorly.
-      if (q + kPrefetchQueries < Lq) {
-        const int64_t ahead = kPrefetchQueries * M;
-        prefetch_span(loc + ahead * L * P * 2, L * P * 2);
-        prefetch_span(attn + ahead * L * P, L * P);
-        prefetch_span(go + ahead * D, D);
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t height = in.spatial_shapes[2 * l], width = in.spatial_shapes[2 * l + 1];
-        const int64_t level_offset = head_offset + in.level_start[l] * row_stride;
-        const scalar_t* level_value = in.value + level_offset;
-        PlainAdder<scalar_t> add{grad_value + level_offset};
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t lp = l * P + p;
-          const auto pt = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
-          const scalar_t a = attn[lp];
-          scalar_t grad_x = 0, grad_y = 0, grad_a = 0;
-          // Channels touch disjoint addresses, so the loop is safe to vectorize; the pragma also lets the three
-          // sums be reassociated, which the compiler may not do on its own for floating point.
-#pragma omp simd reduction(+ : grad_x, grad_y, grad_a)
-          for (int64_t c = 0; c < D; ++c) {
-            const auto b = msda_scatter(pt, level_value, row_stride, c, go[c] * a, add);
-            grad_a += go[c] * b.sample;
-            grad_x += b.grad_x;
-            grad_y += b.grad_y;
-          }
-          // d(pixel x)/d(normalized x) = width, and likewise for y.
-          g_loc[2 * lp] = grad_x * static_cast<scalar_t>(width);
-          g_loc[2 * lp + 1] = grad_y * static_cast<scalar_t>(height);
-          g_attn[lp] = grad_a;
-        }
+  const int64_t M = in.s.num_heads;
+  for (int64_t first = begin; first < end;) {
+    const int64_t n = first / M, m_begin = first % M;
+    const int64_t m_end = std::min(M, m_begin + (end - first));
+    first += m_end - m_begin;
+    for (int64_t q = 0; q < in.s.num_queries; ++q) {
+      for (int64_t m = m_begin; m < m_end; ++m) {
+        backward_query_head(in, n, q, m, grad_output, grad_value, grad_sampling_locations, grad_attention_weights);
       }
     }
   }

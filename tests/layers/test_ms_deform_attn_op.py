@@ -228,6 +228,21 @@ def test_backward_op_checks_grad_output():
         torch.ops.sparse_detr.ms_deform_attn_backward(torch.zeros(2, 3, 5, dtype=torch.float64), *inputs)
 
 
+@requires_op
+def test_opcheck():
+    """torch.library's own audit: schema, fake kernels, autograd registration, AOT dispatch with dynamic shapes."""
+    value, shapes, starts, loc, weights = make_inputs(**SHAPE_CASES["four_levels"])
+    torch.library.opcheck(
+        torch.ops.sparse_detr.ms_deform_attn.default,
+        (value.requires_grad_(), shapes, starts, loc.requires_grad_(), weights.requires_grad_()),
+    )
+    grad_out = torch.randn(loc.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=value.dtype)
+    torch.library.opcheck(
+        torch.ops.sparse_detr.ms_deform_attn_backward.default,
+        (grad_out, value.detach(), shapes, starts, loc.detach(), weights.detach()),
+    )
+
+
 class _TinyDeformAttn(nn.Module):
     """The op between two projections, the way the transformer uses it."""
 
