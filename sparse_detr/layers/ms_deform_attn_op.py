@@ -169,6 +169,11 @@ def ms_deform_attn(
         attention_weights: [N, Lq, M, L, P], same dtype as value.
     Returns:
         [N, Lq, M * D], heads concatenated.
+    Raises:
+        TypeError / ValueError naming the argument on bad input. The checks that read values (spatial_shapes adding
+        up to S, level_start_index matching them) run in eager mode only; on CUDA they copy those two small
+        tensors to the host. Under torch.compile/export/tracing the op's own C++ checks (CPU) and device asserts
+        (CUDA) still guard them.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _C is None:
