@@ -1,0 +1,65 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparse_detr.modeling.criterion import SetCriterion, build_weight_dict
+from sparse_detr.modeling.matcher import HungarianMatcher
+
+
+def test_weight_dict_keys_follow_the_reference():
+    w = build_weight_dict(2, 5, 2, 1, num_decoder_layers=3, aux_loss=True, two_stage=True, num_encoder_aux_layers=2,
+                          token_selection=True)
+    assert w["loss_ce"] == 2 and w["loss_bbox_1"] == 5 and w["loss_giou_enc"] == 2 and w["loss_ce_enc_1"] == 2
+    assert w["loss_mask_prediction"] == 1
+    assert len(w) == 3 * (1 + 2 + 1 + 2) + 1
+    plain = build_weight_dict(2, 5, 2, 1, 3, aux_loss=False, two_stage=False, num_encoder_aux_layers=0,
+                              token_selection=False)
+    assert sorted(plain) == ["loss_bbox", "loss_ce", "loss_giou"]
+
+
+def _criterion(binary_enc_targets=True):
+    weights = build_weight_dict(2, 5, 2, 1, 2, True, True, 0, False)
+    return SetCriterion(3, HungarianMatcher(), weights, focal_alpha=0.25, binary_enc_targets=binary_enc_targets)
+
+
+def test_losses_of_a_hand_checked_prediction():
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.4]]])
+    logits = torch.tensor([[[3.0, -2.0, -1.0], [0.0, 0.5, -3.0]]])
+    target_box = torch.tensor([[0.3, 0.3, 0.2, 0.2]])
+    targets = [{"labels": torch.tensor([0]), "boxes": target_box}]
+    losses, metrics = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    assert losses["loss_bbox"].item() == 0 and abs(losses["loss_giou"].item()) < 1e-6
+    # focal loss of every (query, class), one positive (query 0, class 0), / num_boxes=1, as the reference
+    onehot = torch.zeros(1, 2, 3)
+    onehot[0, 0, 0] = 1
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    alpha_t = 0.25 * onehot + 0.75 * (1 - onehot)
+    expected = (alpha_t * ce * (1 - p_t) ** 2).mean(1).sum() * 2
+    assert torch.allclose(losses["loss_ce"], expected)
+    assert metrics["class_error"].item() == 0
+
+
+def test_aux_enc_outputs_and_empty_images():
+    torch.manual_seed(0)
+    pred = {"pred_logits": torch.randn(2, 4, 3), "pred_boxes": torch.rand(2, 4, 4) * 0.5 + 0.1}
+    outputs = dict(pred, aux_outputs=[dict(pred)], enc_outputs=dict(pred))
+    targets = [
+        {"labels": torch.tensor([2, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.2, 0.3, 0.1, 0.1]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
+    losses, _ = _criterion()(outputs, targets)
+    assert sorted(losses) == sorted(build_weight_dict(2, 5, 2, 1, 2, True, True, 0, False))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert torch.allclose(losses["loss_ce_0"], losses["loss_ce"])
+    # binary proposal targets: everything is class 0, so the proposal loss differs from the class-specific one
+    assert not torch.allclose(losses["loss_ce_enc"], losses["loss_ce"])
+    specific, _ = _criterion(binary_enc_targets=False)(outputs, targets)
+    assert torch.allclose(specific["loss_ce_enc"], losses["loss_ce"])
+
+    no_boxes = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    empty, metrics = _criterion()(outputs, no_boxes)
+    assert empty["loss_bbox"].item() == 0 and empty["loss_giou"].item() == 0 and empty["loss_ce"].item() > 0
+    assert math.isfinite(metrics["class_error"].item())

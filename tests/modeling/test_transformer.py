@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+from sparse_detr.layers.mlp import MLP
+from sparse_detr.modeling.transformer import DeformableTransformer, encoder_output_proposals, valid_ratio
+
+
+def test_proposals_are_token_centred_boxes_of_the_valid_area():
+    # one image, level 0: 2 x 4 with the last column padded; level 1: 1 x 2
+    padding = torch.tensor([[False, False, False, True, False, False, False, True, False, False]])
+    proposals, valid = encoder_output_proposals(padding, [(2, 4), (1, 2)])
+    boxes = proposals.sigmoid()[0]
+    assert torch.allclose(boxes[1], torch.tensor([1.5 / 3, 0.5 / 2, 0.05, 0.05]), atol=1e-6)
+    assert torch.allclose(boxes[9], torch.tensor([1.5 / 2, 0.5, 0.1, 0.1]), atol=1e-6)
+    # padded tokens: +inf (a sigmoid makes them (1, 1, 1, 1))
+    assert torch.isinf(proposals[0, 3]).all() and torch.isinf(proposals[0, 7]).all()
+    # (padded centres lie beyond the valid area, so their anchors are invalid as well)
+    assert valid[0, :, 0].tolist() == [True, True, True, False, True, True, True, False, True, True]
+    # anchors reaching 0.99 are invalid: level 5 boxes are 1.6 wide
+    proposals, valid = encoder_output_proposals(torch.zeros(1, 6, dtype=torch.bool), [(1, 1)] * 6)
+    assert valid[0, :, 0].tolist() == [True] * 5 + [False]
+    assert torch.isinf(proposals[0, 5]).all()
+
+
+def test_valid_ratio_is_w_then_h():
+    mask = torch.zeros(1, 4, 5, dtype=torch.bool)
+    mask[:, 3:] = True
+    mask[:, :, 4:] = True
+    assert torch.allclose(valid_ratio(mask), torch.tensor([[0.8, 0.75]]))
+
+
+def _heads(n, d=32, classes=3):
+    return nn.ModuleList(nn.Linear(d, classes) for _ in range(n)), nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n))
+
+
+def _level_inputs(sizes, canvas=None, seed=0):
+    """Random srcs of an image with per-level sizes, optionally zero-padded into a larger canvas."""
+    from sparse_detr.layers.position_encoding import PositionEmbeddingSine
+
+    g = torch.Generator().manual_seed(seed)
+    pe = PositionEmbeddingSine(16)
+    srcs, masks, pos = [], [], []
+    for lvl, (h, w) in enumerate(sizes):
+        H, W = canvas[lvl] if canvas else (h, w)
+        src = torch.zeros(1, 32, H, W)
+        src[:, :, :h, :w] = torch.randn(1, 32, h, w, generator=g)
+        mask = torch.ones(1, H, W, dtype=torch.bool)
+        mask[:, :h, :w] = False
+        srcs.append(src)
+        masks.append(mask)
+        pos.append(pe(mask))
+    return srcs, masks, pos
+
+
+def test_dense_transformer_ignores_padding():
+    torch.manual_seed(0)
+    t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                              dropout=0.0, num_feature_levels=2, enc_n_points=2, dec_n_points=2, num_queries=5)
+    query_embed = torch.randn(5, 64)
+    cls, box = _heads(2)
+    sizes = [(4, 6), (2, 3)]
+    alone = t(*_level_inputs(sizes), query_embed, cls, box)
+    padded = t(*_level_inputs(sizes, canvas=[(6, 8), (3, 4)]), query_embed, cls, box)
+    assert torch.allclose(alone["hs"], padded["hs"], atol=1e-5)
+    assert torch.allclose(alone["references"][0], padded["references"][0], atol=1e-6)
+
+
+def test_two_stage_with_fewer_tokens_than_queries():
+    torch.manual_seed(0)
+    t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
+                              num_feature_levels=2, two_stage=True, num_queries=100, eff_query_init=True,
+                              token_selection=True)
+    cls, box = _heads(3)
+    out = t(*_level_inputs([(4, 6), (2, 3)]), None, cls, box, rho=0.5, refine_boxes=True)
+    assert out["hs"].shape == (2, 1, 30, 32)
+    assert out["topk_inds"].shape == (1, 16) and out["num_kept"].tolist() == [16]
+    assert out["references"][0].shape == (1, 30, 4)
+    with pytest.raises(ValueError, match="scoring network"):
+        DeformableTransformer(d_model=32, nhead=2, num_feature_levels=2, two_stage=True)(
+            *_level_inputs([(4, 6), (2, 3)]), None, cls, box, rho=0.5
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d_model=32, nhead=3), "NHEADS"),
+        (dict(num_encoder_layers=0), "ENC_LAYERS"),
+        (dict(token_selection=True), "RHO > 0"),
+        (dict(eff_query_init=True), "EFF_QUERY_INIT"),
+        (dict(eff_specific_head=True), "EFF_SPECIFIC_HEAD"),
+    ],
+)
+def test_bad_arguments_name_the_config_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeformableTransformer(**{"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+                                 **kwargs})
