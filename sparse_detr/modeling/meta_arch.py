@@ -1,7 +1,7 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
 import copy
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -241,8 +241,9 @@ class SparseDETR(nn.Module):
 
     @property
     def refine_boxes(self) -> bool:
-        # Deformable DETR refines with box refinement; the Sparse DETR reference also refines whenever it is
-        # two-stage (its decoder gets the heads in two-stage mode), with the shared head if not cloned.
+        # kakaobrain/sparse-detr hands its decoder the heads only in two-stage mode: there it refines (with the
+        # shared head unless cloned), and WITH_BOX_REFINE alone does not refine. We also refine for WITH_BOX_REFINE
+        # alone, as Deformable DETR does; the paper's rows set both or neither, where the two agree.
         return self.with_box_refine or self.transformer.two_stage
 
     # ------------------------------------------------------------------------------------------------ inputs
@@ -369,7 +370,7 @@ class SparseDETR(nn.Module):
         storage.put_scalars(**dict(zip(names, values)))
 
     # ------------------------------------------------------------------------------------------------ inference
-    def _inference(self, batched_inputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Instances]], Dict, ImageList]:
+    def _inference(self, batched_inputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Instances]], Dict[str, Any]]:
         images = self.preprocess_image(batched_inputs)
         out = self._run_transformer(images, self.inference_rho, enc_aux=False)
         logits, boxes = self._predictions(out, [self.transformer.decoder.num_layers - 1])[0]
@@ -379,7 +380,7 @@ class SparseDETR(nn.Module):
             height = x.get("height", size[0])
             width = x.get("width", size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed, out, images
+        return processed, out
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
         """Top `num_detections` (query, class) pairs per image by sigmoid score.
@@ -425,7 +426,7 @@ class SparseDETR(nn.Module):
             )
         if self.training:
             raise RuntimeError("inference_with_saliency runs the inference path: call model.eval() first")
-        results, out, _ = self._inference(batched_inputs)
+        results, out = self._inference(batched_inputs)
         scores = out["token_scores"]
         kept = keep_mask(out["topk_inds"], out["num_kept"], scores.shape[1])
         sizes = [h * w for h, w in out["shapes"]]
