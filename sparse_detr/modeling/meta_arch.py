@@ -81,7 +81,8 @@ class SparseDETR(nn.Module):
             pixel_mean, pixel_std: input normalization, in the input format's channel order.
             aux_loss: losses on every decoder layer.
             with_box_refine: independent heads per decoder layer, each refining the previous layer's boxes.
-            use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last.
+            use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last (the
+                selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
             rho: keeping ratio of encoder tokens in training (0 = dense); > 0 needs the transformer's scoring net.
             test_rho: keeping ratio at inference; <= 0 = rho.
             num_detections: detections kept per image (top-k over queries x classes).

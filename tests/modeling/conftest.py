@@ -8,10 +8,6 @@ from detectron2.structures import Boxes, Instances
 
 from sparse_detr import add_sparse_detr_config
 
-# the paper's variants as MODEL.SPARSE_DETR switches
-SPARSE = dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3)
-
-
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a loaded machine the spinning threads make these
