@@ -119,7 +119,7 @@ def do_flop(cfg: CfgNode, args) -> Dict[str, float]:
     ops = sorted(((k, v / n) for k, v in operators.items()), key=lambda kv: -kv[1])
     table = tabulate([(k, _giga(v)) for k, v in ops], headers=["operator", "GFLOPs"], tablefmt="pipe")
     logger.info("GFLOPs by operator:\n" + table)
-    result = {"gflops": np.mean(totals) / 1e9, "gflops_with_training_heads": np.mean(with_heads) / 1e9}
+    result = {"gflops": float(np.mean(totals)) / 1e9, "gflops_with_training_heads": float(np.mean(with_heads)) / 1e9}
     if n > 1:
         logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {np.std(totals) / 1e9:.2f}")
     return result
