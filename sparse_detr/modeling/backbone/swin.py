@@ -8,7 +8,7 @@ shifts first and pads afterwards. Following the detection variant keeps released
 numerically exact on every image size.
 """
 import logging
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import timm
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from .weights import load_weights_file
 
-__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict"]
+__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict", "swin_state_dict_to_timm"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,48 +216,58 @@ _IGNORED_PREFIXES = ("head.", "norm.")
 _IGNORED_SUFFIXES = ("relative_position_index", "attn_mask")
 
 
-def load_swin_state_dict(
-    backbone: TimmSwinBackbone, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict"
-) -> None:
-    """Load timm-format or official-format Swin weights into ``backbone``, checking every key.
+def swin_state_dict_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Swin weights in timm's or the official layout -> timm's names, without classifier or non-persistent buffers.
 
-    The official layout (``layers.i.downsample`` closing stage ``i``) is recognized by ``layers.0.downsample`` and
-    renamed to timm's (``layers.{i+1}.downsample``). The output norms ``norm{i}`` may be absent (ImageNet
-    checkpoints have none; they keep their fresh init, as the reference); weights of stages the backbone does
-    not build are skipped. Any other missing, unexpected or mis-shaped key is an error.
+    The official layout (``layers.i.downsample`` closing stage ``i``; recognized by ``layers.0.downsample``) has
+    its patch merging renamed to ``layers.{i+1}.downsample``, where timm opens the next stage with it.
+
+    Returns:
+        ``(renamed, layout)`` with ``layout`` "official" or "timm".
     """
     official = any(k.startswith("layers.0.downsample.") for k in state_dict)
-    own = backbone.state_dict()
     renamed: Dict[str, torch.Tensor] = {}
-    unexpected: List[str] = []
     for key, value in state_dict.items():
         if key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES):
             continue
         if official and key.startswith("layers.") and ".downsample." in key:
             stage, rest = key[len("layers.") :].split(".", 1)
             key = f"layers.{int(stage) + 1}.{rest}"
-        if key.startswith("layers.") and int(key.split(".")[1]) >= len(backbone.layers):
-            continue
-        if key in own:
-            renamed[key] = value
-        else:
-            unexpected.append(key)
+        renamed[key] = value
+    return renamed, "official" if official else "timm"
+
+
+def load_swin_state_dict(
+    backbone: TimmSwinBackbone, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict"
+) -> None:
+    """Load timm-format or official-format Swin weights into ``backbone``, checking every key.
+
+    The output norms ``norm{i}`` may be absent (ImageNet checkpoints have none; they keep their fresh init, as the
+    reference); weights of stages the backbone does not build are skipped. Any other missing, unexpected or
+    mis-shaped key is an error.
+    """
+    renamed, layout = swin_state_dict_to_timm(state_dict)
+    own = backbone.state_dict()
+    num_built = len(backbone.layers)
+    renamed = {k: v for k, v in renamed.items() if not (k.startswith("layers.") and int(k.split(".")[1]) >= num_built)}
+    unexpected = [k for k in renamed if k not in own]
     optional = {k for k in own if k.split(".")[0] in {backbone._norm_name(f) for f in backbone._out_features}}
     missing = sorted(set(own) - set(renamed) - optional)
     mis_shaped = [
-        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in renamed.items() if v.shape != own[k].shape
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in renamed.items()
+        if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or mis_shaped:
         raise ValueError(
-            f"Swin weights from {source} do not fit the backbone ({'official' if official else 'timm'} layout): "
+            f"Swin weights from {source} do not fit the backbone ({layout} layout): "
             f"missing {missing[:10]}{'...' if len(missing) > 10 else ''} ({len(missing)}), "
             f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''} ({len(unexpected)}), "
             f"shape mismatches {mis_shaped[:10]}"
         )
     backbone.load_state_dict(renamed, strict=False)
     logger.info(
-        f"Loaded {len(renamed)} Swin tensors from {source} ({'official' if official else 'timm'} layout); "
-        f"fresh: {sorted(optional - set(renamed))}"
+        f"Loaded {len(renamed)} Swin tensors from {source} ({layout} layout); fresh: {sorted(optional - set(renamed))}"
     )
 
 

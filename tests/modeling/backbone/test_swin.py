@@ -1,12 +1,14 @@
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_backbone, build_model
 
+import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.modeling.backbone import TimmSwinBackbone, load_swin_state_dict
 from sparse_detr.modeling.backbone import swin as swin_module
@@ -177,3 +179,24 @@ def test_bad_arguments(kwargs, match):
 def test_rejects_non_image_input(swin_t):
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         swin_t(torch.randn(3, 32, 32))
+
+
+# Trainable parameters of the reference's Swin-T models with 91 classes (the table; efficient_detr counted
+# on kakaobrain/sparse-detr with --backbone swin-t). Full size, no forward pass.
+@pytest.mark.parametrize(
+    "config, trainable",
+    [
+        ("deformable_detr.yaml", 40_308_613),
+        ("deformable_detr_bbr_two_stage.yaml", 41_420_477),
+        ("efficient_detr.yaml", 41_288_637),
+        ("sparse_detr_rho_0.1.yaml", 42_176_153),
+    ],
+)
+def test_swin_t_model_parameter_counts_equal_the_reference(config, trainable):
+    cfg = get_cfg()
+    add_sparse_detr_config(cfg)
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[3] / "configs" / "swin_t" / config))
+    cfg.MODEL.SPARSE_DETR.NUM_CLASSES = 91
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
