@@ -17,7 +17,10 @@ tensors leave the resident set (otherwise malloc keeps them and a later call reu
 outputs, saved activations, temporaries and gradients. CUDA peak memory is torch.cuda.max_memory_allocated()
 minus what was allocated before the call.
 
-Usage: python projects/SparseDETR/bench_op.py [--repeats 5] [--warmup 1] [--calls encoder,decoder]
+On a machine whose cores are shared, --rounds R repeats every measurement in R interleaved rounds and keeps, per
+number, the best round (the run least disturbed by other processes).
+
+Usage: python projects/SparseDETR/bench_op.py [--repeats 5] [--warmup 1] [--rounds 1] [--calls encoder,decoder]
 """
 import argparse
 import json
@@ -28,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -157,6 +160,16 @@ def _spawn(call: str, impl: str, device: str, dtype: str, args) -> Dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _best(runs: Sequence[Dict]) -> Dict:
+    """Per number, the best of several rounds of the same measurement."""
+    best = dict(runs[0])
+    for key in ("forward_ms", "forward_backward_ms"):
+        best[key] = {k: min(r[key][k] for r in runs) for k in ("median", "min")}
+    for key in ("forward_peak_mib", "forward_backward_peak_mib"):
+        best[key] = min(r[key] for r in runs)
+    return best
+
+
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -189,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the best round is kept")
     parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated subset of {CALLS}")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--child", nargs=4, metavar=("CALL", "IMPL", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
@@ -214,12 +228,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    print(f"median of {args.repeats} runs after {args.warmup} warm-up; peak = extra memory during one call\n")
+    rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"median of {args.repeats} runs after {args.warmup} warm-up{rounds}; peak = extra memory during one call\n")
     results = []
     for device, dtype in targets:
-        for call in calls:
-            for impl in IMPLS:
-                results.append(_spawn(call, impl, device, dtype, args))
+        per_round = [
+            [_spawn(call, impl, device, dtype, args) for call in calls for impl in IMPLS] for _ in range(args.rounds)
+        ]
+        results += [_best(runs) for runs in zip(*per_round)]
         print(_format(results, device, dtype) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
