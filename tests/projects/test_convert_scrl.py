@@ -7,10 +7,11 @@ import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_model
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
 from sparse_detr import add_sparse_detr_config
 
 TOOL = Path(__file__).resolve().parents[2] / "projects" / "SparseDETR" / "convert_scrl.py"
@@ -39,16 +40,15 @@ def torchvision_r50() -> nn.Module:
     return model.eval()
 
 
-class _Detector(nn.Module):
-    """Stands for any meta-arch: a detectron2 R50 backbone next to other parameters with similar short names."""
-
-    def __init__(self):
-        super().__init__()
-        cfg = get_cfg()
-        add_sparse_detr_config(cfg)
-        cfg.merge_from_file(str(TOOL.parents[2] / "configs" / "Base-SparseDETR.yaml"))
-        self.backbone = build_backbone(cfg)
-        self.head = nn.ModuleDict({"conv1": nn.Conv2d(3, 3, 1), "norm": nn.GroupNorm(1, 3)})
+@pytest.fixture(scope="module")
+def scrl_model() -> nn.Module:
+    """The SCRL row's model, full size (its MODEL.WEIGHTS is what the tool writes)."""
+    cfg = get_cfg()
+    add_sparse_detr_config(cfg)
+    cfg.merge_from_file(str(TOOL.parents[2] / "configs" / "scrl" / "sparse_detr_rho_0.1.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
 
 
 def _scrl_checkpoint(state_dict):
@@ -71,7 +71,7 @@ def _convert(tool, tmp_path, checkpoint, name="r50"):
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "SCRL"])
-def test_converted_weights_load_and_compute_as_torchvision(tool, torchvision_r50, tmp_path, fmt, capsys):
+def test_converted_weights_load_and_compute_as_torchvision(tool, torchvision_r50, scrl_model, tmp_path, fmt, capsys):
     state = torchvision_r50.state_dict()
     checkpoint = state if fmt == "torchvision" else _scrl_checkpoint(state)
     path = _convert(tool, tmp_path, checkpoint)
@@ -80,24 +80,24 @@ def test_converted_weights_load_and_compute_as_torchvision(tool, torchvision_r50
         data = pickle.load(f)
     assert data["__author__"] == fmt and data["matching_heuristics"] is True
 
-    detector = _Detector().eval()
-    head_before = {k: v.clone() for k, v in detector.head.state_dict().items()}
-    incompatible = DetectionCheckpointer(detector).load(str(path))
-    assert incompatible is not None
-    # Every backbone tensor came from the file; nothing else was touched.
-    loaded = detector.backbone.state_dict()
+    model = scrl_model  # each load replaces the whole backbone
+    others_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    DetectionCheckpointer(model).load(str(path))
+    # Every backbone tensor came from the file, matched by name suffix; nothing else was touched.
+    loaded = model.backbone.state_dict()
     assert set(data["model"]) == set(loaded)
     for key, value in data["model"].items():
         torch.testing.assert_close(loaded[key], torch.as_tensor(value), rtol=0, atol=0, msg=key)
-    for key, value in detector.head.state_dict().items():
-        torch.testing.assert_close(value, head_before[key], rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        if not key.startswith("backbone."):
+            torch.testing.assert_close(value, others_before[key], rtol=0, atol=0, msg=key)
 
     # Same features as torchvision's network with frozen BatchNorm (what the reference runs).
     reference = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d).eval()
     reference.load_state_dict({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
-        ours = detector.backbone(x)
+        ours = model.backbone(x)
         y = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
         y = reference.layer1(y)
         for name, layer in (("res3", reference.layer2), ("res4", reference.layer3), ("res5", reference.layer4)):
