@@ -65,13 +65,17 @@ def _add_swin_config(cfg: CN) -> None:
     _C = cfg
     _C.MODEL.SWIN = CN()
     W = _C.MODEL.SWIN
-    # Any timm Swin name; the weights come from WEIGHTS, never from a hub download.
+    # Any timm Swin name (MODEL.BACKBONE.NAME "build_swin_backbone"); the weights come from WEIGHTS, never from a
+    # hub download.
     W.NAME = "swin_tiny_patch4_window7_224"
+    # Stages returned, "stage1".."stage4" (strides 4..32); each gets its own output LayerNorm, as the reference.
     W.OUT_FEATURES = ["stage2", "stage3", "stage4"]
-    # As the reference: patch embedding and the first stage frozen ("frozen_stages=2" in its Swin code).
+    # The reference's frozen_stages: -1 none, 0/1 the patch embedding, k >= 2 also the first k-1 stages with the
+    # patch merging after each. 2 (patch embedding and stage 1) is what the paper trains with.
     W.FROZEN_STAGES = 2
+    # Stochastic depth of the last block, rising linearly from 0 (the reference's Swin-T yaml: 0.2).
     W.DROP_PATH_RATE = 0.2
-    # Local path to a timm/official Swin checkpoint; "" = random init.
+    # Local path to an official ({"model": ...}) or timm-format Swin checkpoint; "" = random init.
     W.WEIGHTS = ""
 
 
