@@ -140,8 +140,11 @@ class TimmSwinBackbone(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        # Inputs padded to the last returned stride make every level an exact multiple of the input (no ceil).
-        return max(self._out_feature_strides.values())
+        # No batch padding beyond the largest image, as the reference: the patch embedding and the windows pad
+        # internally (unmasked, like the reference's Swin), so released Swin-T checkpoints reproduce exactly on
+        # images of any size. Padding to 32 here would change what Swin sees at the border (it masks no padding),
+        # and so the features.
+        return 0
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
