@@ -11,16 +11,17 @@ Deformable DETR's learned offsets); attention weights are a softmax over the L*P
 
 Reported per call: forward time (inputs without grad), forward+backward time (inputs with grad; backward of a
 fixed random grad_output), each the median of --repeats runs after --warmup runs; and peak memory.
-CPU peak memory is the growth of the process's peak resident set (VmHWM) during one call, taken in a fresh
-subprocess per (call, implementation) after a warm-up run, with glibc's mmap threshold pinned so that freed
-tensors leave the resident set (otherwise malloc keeps them and a later call reuses them unseen). It counts
-outputs, saved activations, temporaries and gradients. CUDA peak memory is torch.cuda.max_memory_allocated()
-minus what was allocated before the call.
+CPU peak memory is the growth of the process's peak resident set (VmHWM) during one call after a warm-up run. It
+is taken in its own fresh subprocess per (call, implementation), with glibc's mmap threshold pinned so that freed
+tensors leave the resident set (otherwise malloc keeps them and a later call reuses them unseen); the timings run
+in another subprocess with malloc's defaults. It counts outputs, saved activations, temporaries and gradients.
+CUDA peak memory is torch.cuda.max_memory_allocated() minus what was allocated before the call.
 
 On a machine whose cores are shared, --rounds R repeats every measurement in R interleaved rounds and keeps, per
-number, the best round (the run least disturbed by other processes).
+number, the best round (the run least disturbed by other processes); --threads sets torch's intra-op threads.
 
-Usage: python projects/SparseDETR/bench_op.py [--repeats 5] [--warmup 1] [--rounds 1] [--calls encoder,decoder]
+Usage: python projects/SparseDETR/bench_op.py [--repeats 5] [--warmup 1] [--rounds 1] [--threads T]
+                                              [--calls encoder,sparse_encoder,decoder] [--json FILE]
 """
 import argparse
 import json
@@ -110,7 +111,8 @@ def _median_ms(run: Callable[[], None], warmup: int, repeats: int, sync: Callabl
     return {"median": statistics.median(times), "min": min(times)}
 
 
-def run_child(call: str, impl: str, device: str, dtype_name: str, warmup: int, repeats: int) -> Dict:
+def run_child(call: str, impl: str, device: str, dtype_name: str, mode: str, warmup: int, repeats: int) -> Dict:
+    """One (call, implementation) measured in this process: "time" or "memory"."""
     from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_pytorch
 
     if impl == "op" and not ms_deform_attn_available():
@@ -131,33 +133,36 @@ def run_child(call: str, impl: str, device: str, dtype_name: str, warmup: int, r
         for t in leaves:  # the gradients stay alive until here, as in training
             t.grad = None
 
-    if device == "cuda":
-        sync, peak = torch.cuda.synchronize, _peak_cuda_mib
+    result = {"call": call, "impl": impl, "device": device, "dtype": dtype_name, "Lq": loc.shape[1]}
+    if mode == "time":
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        result["forward_ms"] = _median_ms(forward, warmup, repeats, sync)
+        result["forward_backward_ms"] = _median_ms(forward_backward, warmup, repeats, sync)
     else:
-        sync, peak = (lambda: None), _peak_cpu_mib
-    result = {
-        "call": call,
-        "impl": impl,
-        "device": device,
-        "dtype": dtype_name,
-        "Lq": loc.shape[1],
-        "forward_ms": _median_ms(forward, warmup, repeats, sync),
-        "forward_backward_ms": _median_ms(forward_backward, warmup, repeats, sync),
-    }
-    # Peak memory last, each after the warm-up above, so one-time allocations are not counted.
-    result["forward_peak_mib"] = peak(forward)
-    result["forward_backward_peak_mib"] = peak(forward_backward)
+        peak = _peak_cuda_mib if device == "cuda" else _peak_cpu_mib
+        # Each after a warm-up run, so that one-time allocations are not counted.
+        forward()
+        result["forward_peak_mib"] = peak(forward)
+        forward_backward()
+        result["forward_backward_peak_mib"] = peak(forward_backward)
     return result
 
 
 def _spawn(call: str, impl: str, device: str, dtype: str, args) -> Dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see the module docstring
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", call, impl, device, dtype,
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = {}
+    for mode in ("time", "memory"):
+        env = dict(os.environ)
+        if mode == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # see the module docstring; timings keep malloc's default
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", call, impl, device, dtype, mode,
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def _best(runs: Sequence[Dict]) -> Dict:
@@ -203,11 +208,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the best round is kept")
+    parser.add_argument("--threads", type=int, help="intra-op threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated subset of {CALLS}")
     parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--child", nargs=4, metavar=("CALL", "IMPL", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("CALL", "IMPL", "DEVICE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(run_child(*args.child, warmup=args.warmup, repeats=args.repeats)))
         return
