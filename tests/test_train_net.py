@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 
 import pytest
 import torch

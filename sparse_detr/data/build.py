@@ -5,7 +5,6 @@ evaluated at the end of a run is only loaded then; :func:`load_dataset_dicts` tu
 that names the dataset and the file, raised when the loaders are built.
 """
 import difflib
-import logging
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -24,8 +23,6 @@ from .dataset_mapper import DetrDatasetMapper
 from .image_cache import attach_image_bytes
 
 __all__ = ["load_dataset_dicts", "build_detr_train_loader", "build_detr_test_loader"]
-
-logger = logging.getLogger(__name__)
 
 
 def _check_registered(name: str) -> None:

@@ -1,7 +1,6 @@
 """Datasets are checked when the loaders are built, with errors that name the problem."""
 import json
 import os
-import shutil
 
 import pytest
 
