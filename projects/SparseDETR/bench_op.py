@@ -10,17 +10,15 @@ Sampling locations are the reference point plus offsets uniform in [-4, 4] pixel
 Deformable DETR's learned offsets); attention weights are a softmax over the L*P points.
 
 Reported per call: forward time (inputs without grad), forward+backward time (inputs with grad; backward of a
-fixed random grad_output), each the median of --repeats runs after --warmup runs; and peak memory.
-CPU peak memory is the growth of the process's peak resident set (VmHWM) during one call after a warm-up run. It
-is taken in its own fresh subprocess per (call, implementation), with glibc's mmap threshold pinned so that freed
-tensors leave the resident set (otherwise malloc keeps them and a later call reuses them unseen); the timings run
-in another subprocess with malloc's defaults. It counts outputs, saved activations, temporaries and gradients.
-CUDA peak memory is torch.cuda.max_memory_allocated() minus what was allocated before the call.
+fixed random grad_output), each the median of --repeats runs after --warmup runs, and the speed-up as the median
+of per-pair ratios: the two implementations run alternately in one process, so that on cores shared with other
+work each pair sees about the same load. Then peak memory: on CPU the growth of the process's peak resident set
+(VmHWM) during one call after a warm-up run, in a separate fresh subprocess with glibc's mmap threshold pinned so
+that freed tensors leave the resident set (otherwise malloc keeps them and a later call reuses them unseen; the
+timings keep malloc's defaults). It counts outputs, saved activations, temporaries and gradients. On CUDA it is
+torch.cuda.max_memory_allocated() minus what was allocated before the call.
 
-On a machine whose cores are shared, --rounds R repeats every measurement in R interleaved rounds and keeps, per
-number, the best round (the run least disturbed by other processes); --threads sets torch's intra-op threads.
-
-Usage: python projects/SparseDETR/bench_op.py [--repeats 5] [--warmup 1] [--rounds 1] [--threads T]
+Usage: python projects/SparseDETR/bench_op.py [--repeats 7] [--warmup 1] [--threads T]
                                               [--calls encoder,sparse_encoder,decoder] [--json FILE]
 """
 import argparse
@@ -32,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +38,6 @@ LEVEL_SHAPES = [(107, 130), (54, 65), (27, 33), (14, 17)]
 NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
 OFFSET_PIXELS = 4.0
 CALLS = ("encoder", "sparse_encoder", "decoder")
-IMPLS = ("reference", "op")
 
 
 def make_call(call: str, device: str, dtype: torch.dtype, seed: int = 0):
@@ -98,27 +95,16 @@ def _peak_cuda_mib(run: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _median_ms(run: Callable[[], None], warmup: int, repeats: int, sync: Callable[[], None]) -> Dict[str, float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"median": statistics.median(times), "min": min(times)}
-
-
-def run_child(call: str, impl: str, device: str, dtype_name: str, mode: str, warmup: int, repeats: int) -> Dict:
-    """One (call, implementation) measured in this process: "time" or "memory"."""
+def _implementations():
     from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_pytorch
 
-    if impl == "op" and not ms_deform_attn_available():
+    if not ms_deform_attn_available():
         raise SystemExit("sparse_detr._C is not built: run `make build-ext` first")
-    fn = ms_deform_attn if impl == "op" else ms_deform_attn_pytorch
-    dtype = getattr(torch, dtype_name)
+    return {"reference": ms_deform_attn_pytorch, "op": ms_deform_attn}
+
+
+def _runners(fn, call: str, device: str, dtype: torch.dtype) -> Tuple[Callable[[], None], Callable[[], None], int]:
+    """forward (no grad), forward+backward, and Lq of one call."""
     value, shapes, starts, loc, weights, grad_out = make_call(call, device, dtype)
     leaves = [t.clone().requires_grad_() for t in (value, loc, weights)]
 
@@ -133,46 +119,61 @@ def run_child(call: str, impl: str, device: str, dtype_name: str, mode: str, war
         for t in leaves:  # the gradients stay alive until here, as in training
             t.grad = None
 
-    result = {"call": call, "impl": impl, "device": device, "dtype": dtype_name, "Lq": loc.shape[1]}
-    if mode == "time":
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        result["forward_ms"] = _median_ms(forward, warmup, repeats, sync)
-        result["forward_backward_ms"] = _median_ms(forward_backward, warmup, repeats, sync)
-    else:
-        peak = _peak_cuda_mib if device == "cuda" else _peak_cpu_mib
-        # Each after a warm-up run, so that one-time allocations are not counted.
-        forward()
-        result["forward_peak_mib"] = peak(forward)
-        forward_backward()
-        result["forward_backward_peak_mib"] = peak(forward_backward)
+    return forward, forward_backward, loc.shape[1]
+
+
+def time_child(call: str, device: str, dtype_name: str, warmup: int, repeats: int) -> Dict:
+    """Both implementations timed in one process, alternating run by run: on cores shared with other work, each
+    pair of runs sees about the same load, so the median of the per-pair ratios is a steadier speed-up."""
+    fns = _implementations()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    result: Dict = {"call": call, "device": device, "dtype": dtype_name}
+    for phase, index in (("forward", 0), ("forward_backward", 1)):
+        runs = {}
+        for impl, fn in fns.items():
+            runners = _runners(fn, call, device, getattr(torch, dtype_name))
+            runs[impl] = runners[index]
+            result["Lq"] = runners[2]
+        times: Dict[str, List[float]] = {impl: [] for impl in runs}
+        for i in range(warmup + repeats):
+            for impl, run in runs.items():
+                sync()
+                t = time.perf_counter()
+                run()
+                sync()
+                if i >= warmup:
+                    times[impl].append((time.perf_counter() - t) * 1e3)
+        for impl, ts in times.items():
+            result[f"{impl}_{phase}_ms"] = statistics.median(ts)
+        result[f"{phase}_speedup"] = statistics.median(r / o for r, o in zip(times["reference"], times["op"]))
     return result
 
 
-def _spawn(call: str, impl: str, device: str, dtype: str, args) -> Dict:
+def memory_child(call: str, device: str, dtype_name: str) -> Dict:
+    """Peak extra memory of one call, per implementation and phase, each after a warm-up run of its own."""
+    peak = _peak_cuda_mib if device == "cuda" else _peak_cpu_mib
     result = {}
-    for mode in ("time", "memory"):
-        env = dict(os.environ)
-        if mode == "memory":
-            env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # see the module docstring; timings keep malloc's default
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", call, impl, device, dtype, mode,
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    for impl, fn in _implementations().items():
+        forward, forward_backward, _ = _runners(fn, call, device, getattr(torch, dtype_name))
+        forward()
+        result[f"{impl}_forward_peak_mib"] = peak(forward)
+        forward_backward()
+        result[f"{impl}_forward_backward_peak_mib"] = peak(forward_backward)
     return result
 
 
-def _best(runs: Sequence[Dict]) -> Dict:
-    """Per number, the best of several rounds of the same measurement."""
-    best = dict(runs[0])
-    for key in ("forward_ms", "forward_backward_ms"):
-        best[key] = {k: min(r[key][k] for r in runs) for k in ("median", "min")}
-    for key in ("forward_peak_mib", "forward_backward_peak_mib"):
-        best[key] = min(r[key] for r in runs)
-    return best
+def _spawn(mode: str, call: str, device: str, dtype: str, args) -> Dict:
+    env = dict(os.environ)
+    if mode == "memory" and device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # see the module docstring; timings keep malloc's default
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, call, device, dtype,
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cpu_model() -> str:
@@ -183,51 +184,49 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def _format(results: List[Dict], device: str, dtype: str) -> str:
-    by = {(r["call"], r["impl"]): r for r in results if r["device"] == device and r["dtype"] == dtype}
-    calls = [c for c in CALLS if (c, "op") in by and (c, "reference") in by]
+def _format(results: List[Dict]) -> str:
     lines = [
-        f"| call ({device}, {dtype}) | Lq | forward ref / op (ms) | speed-up | fwd+bwd ref / op (ms) | speed-up | "
+        "| call | device, dtype | Lq | forward ref / op (ms) | speed-up | fwd+bwd ref / op (ms) | speed-up | "
         "peak fwd ref / op (MiB) | peak fwd+bwd ref / op (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in calls:
-        ref, op = by[(c, "reference")], by[(c, "op")]
-        f_ref, f_op = ref["forward_ms"]["median"], op["forward_ms"]["median"]
-        b_ref, b_op = ref["forward_backward_ms"]["median"], op["forward_backward_ms"]["median"]
+    for r in results:
         lines.append(
-            f"| {c} | {op['Lq']} | {f_ref:.1f} / {f_op:.1f} | {f_ref / f_op:.1f}x | {b_ref:.1f} / {b_op:.1f} | "
-            f"{b_ref / b_op:.1f}x | {ref['forward_peak_mib']:.0f} / {op['forward_peak_mib']:.0f} | "
-            f"{ref['forward_backward_peak_mib']:.0f} / {op['forward_backward_peak_mib']:.0f} |"
+            f"| {r['call']} | {r['device']}, {r['dtype']} | {r['Lq']} "
+            f"| {r['reference_forward_ms']:.1f} / {r['op_forward_ms']:.1f} | {r['forward_speedup']:.1f}x "
+            f"| {r['reference_forward_backward_ms']:.1f} / {r['op_forward_backward_ms']:.1f} "
+            f"| {r['forward_backward_speedup']:.1f}x "
+            f"| {r['reference_forward_peak_mib']:.0f} / {r['op_forward_peak_mib']:.1f} "
+            f"| {r['reference_forward_backward_peak_mib']:.0f} / {r['op_forward_backward_peak_mib']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each implementation (median kept)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the best round is kept")
     parser.add_argument("--threads", type=int, help="intra-op threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated subset of {CALLS}")
     parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--child", nargs=5, metavar=("CALL", "IMPL", "DEVICE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "CALL", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(run_child(*args.child, warmup=args.warmup, repeats=args.repeats)))
+        mode, call, device, dtype = args.child
+        if mode == "time":
+            print(json.dumps(time_child(call, device, dtype, args.warmup, args.repeats)))
+        else:
+            print(json.dumps(memory_child(call, device, dtype)))
         return
 
     calls = [c for c in args.calls.split(",") if c]
     for c in calls:
         if c not in CALLS:
             parser.error(f"unknown call {c!r}; expected some of {CALLS}")
-    from sparse_detr.layers import ms_deform_attn_available
-
-    if not ms_deform_attn_available():
-        raise SystemExit("sparse_detr._C is not built: run `make build-ext` first")
+    _implementations()
     from sparse_detr import _C
 
     targets = [("cpu", "float32")]
@@ -236,15 +235,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
-    print(f"median of {args.repeats} runs after {args.warmup} warm-up{rounds}; peak = extra memory during one call\n")
+    print(
+        f"time: median of {args.repeats} runs after {args.warmup} warm-up, the implementations alternating; "
+        "speed-up: median of the per-pair ratios; peak: extra memory during one call\n"
+    )
     results = []
     for device, dtype in targets:
-        per_round = [
-            [_spawn(call, impl, device, dtype, args) for call in calls for impl in IMPLS] for _ in range(args.rounds)
-        ]
-        results += [_best(runs) for runs in zip(*per_round)]
-        print(_format(results, device, dtype) + "\n", flush=True)
+        for call in calls:
+            results.append({**_spawn("time", call, device, dtype, args), **_spawn("memory", call, device, dtype, args)})
+    print(_format(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
