@@ -23,8 +23,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import sparse_detr  # noqa: F401  registers the meta-architecture and backbones
-import sparse_detr.data  # noqa: F401  registers the synthetic datasets
+import sparse_detr  # noqa: F401  registers the meta-architecture, the backbones and the synthetic datasets
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.data.build import load_dataset_dicts
 from sparse_detr.engine import Trainer

@@ -1,8 +1,9 @@
 """Sparse DETR as a detectron2 project.
 
-Importing this package registers the `SparseDETR` meta-architecture and the backbones in detectron2's registries.
+Importing this package registers the `SparseDETR` meta-architecture and the backbones in detectron2's registries,
+and the synthetic datasets in its catalogs.
 """
-from . import modeling
+from . import data, modeling  # data: registers the synthetic datasets (their class names, for every tool)
 from .config import add_sparse_detr_config
 
 __version__ = "0.1.0"
