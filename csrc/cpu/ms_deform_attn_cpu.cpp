@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_bilinear.h"
@@ -32,6 +33,58 @@ struct Inputs {
   MSDeformAttnSizes s;
 };
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MSDA_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
+#else
+#define MSDA_PREFETCH(address, for_write)
+#endif
+
+// Prefetches the D channels of one value (or gradient) row.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D, bool for_write) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t c = 0; c < D; c += kLine) {
+    if (for_write) {
+      MSDA_PREFETCH(row + c, 1);
+    } else {
+      MSDA_PREFETCH(row + c, 0);
+    }
+  }
+  if (for_write) {
+    MSDA_PREFETCH(row + D - 1, 1);  // the row need not start on a cache line
+  } else {
+    MSDA_PREFETCH(row + D - 1, 0);
+  }
+}
+
+// Locates the L * P sampling points of one (n, q, m) into `points` and prefetches the value rows they read (and,
+// in the backward, the gradient rows they write). A decoder or sparse-encoder query samples rows scattered over
+// the whole value tensor, mostly cache misses; issuing all 4 * L * P row loads before using any lets them overlap.
+template <typename scalar_t>
+inline void locate_points(const Inputs<scalar_t>& in,
+                          const scalar_t* loc,
+                          int64_t head_offset,
+                          scalar_t* grad_value,
+                          BilinearPoint<scalar_t>* points) {
+  const auto& s = in.s;
+  const int64_t D = s.head_dim, P = s.num_points, row_stride = s.num_heads * D;
+  for (int64_t l = 0; l < s.num_levels; ++l) {
+    const int64_t height = in.spatial_shapes[2 * l], width = in.spatial_shapes[2 * l + 1];
+    const int64_t level_offset = head_offset + in.level_start[l] * row_stride;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t lp = l * P + p;
+      points[lp] = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t row = level_offset + points[lp].index[k] * row_stride;
+        prefetch_row(in.value + row, D, false);
+        if (grad_value != nullptr) {
+          prefetch_row(grad_value + row, D, true);
+        }
+      }
+    }
+  }
+}
+
 // Forward over the flat (n, q) range [begin, end): for each head the D-vector of the output row is accumulated in
 // place (it stays in L1), reading each neighbour's D contiguous channels in one vectorized sweep.
 template <typename scalar_t>
@@ -39,20 +92,20 @@ inline void forward_rows(const Inputs<scalar_t>& in, int64_t begin, int64_t end,
   const auto& s = in.s;
   const int64_t M = s.num_heads, D = s.head_dim, L = s.num_levels, P = s.num_points;
   const int64_t row_stride = M * D;
+  std::vector<BilinearPoint<scalar_t>> points(L * P);
   for (int64_t nq = begin; nq < end; ++nq) {
-    const scalar_t* value_n = in.value + (nq / s.num_queries) * s.num_values * row_stride;
     for (int64_t m = 0; m < M; ++m) {
       const int64_t nqm = nq * M + m;
-      const scalar_t* loc = in.sampling_locations + nqm * L * P * 2;
+      const int64_t head_offset = (nq / s.num_queries) * s.num_values * row_stride + m * D;
       const scalar_t* attn = in.attention_weights + nqm * L * P;
+      locate_points<scalar_t>(in, in.sampling_locations + nqm * L * P * 2, head_offset, nullptr, points.data());
       scalar_t* out = output + nqm * D;
       std::fill(out, out + D, scalar_t(0));
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t height = in.spatial_shapes[2 * l], width = in.spatial_shapes[2 * l + 1];
-        const scalar_t* level_value = value_n + in.level_start[l] * row_stride + m * D;
+        const scalar_t* level_value = in.value + head_offset + in.level_start[l] * row_stride;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t lp = l * P + p;
-          const auto pt = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
+          const auto& pt = points[lp];
           const scalar_t a = attn[lp];
 #pragma omp simd
           for (int64_t c = 0; c < D; ++c) {
@@ -84,7 +137,8 @@ inline void backward_query_head(const Inputs<scalar_t>& in,
                                 const scalar_t* grad_output,
                                 scalar_t* grad_value,
                                 scalar_t* grad_sampling_locations,
-                                scalar_t* grad_attention_weights) {
+                                scalar_t* grad_attention_weights,
+                                BilinearPoint<scalar_t>* points) {
   const auto& s = in.s;
   const int64_t M = s.num_heads, D = s.head_dim, L = s.num_levels, P = s.num_points;
   const int64_t row_stride = M * D;
@@ -95,6 +149,7 @@ inline void backward_query_head(const Inputs<scalar_t>& in,
   const scalar_t* attn = in.attention_weights + nqm * L * P;
   scalar_t* g_loc = grad_sampling_locations + nqm * L * P * 2;
   scalar_t* g_attn = grad_attention_weights + nqm * L * P;
+  locate_points(in, loc, head_offset, grad_value, points);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t height = in.spatial_shapes[2 * l], width = in.spatial_shapes[2 * l + 1];
     const int64_t level_offset = head_offset + in.level_start[l] * row_stride;
@@ -102,7 +157,7 @@ inline void backward_query_head(const Inputs<scalar_t>& in,
     PlainAdder<scalar_t> add{grad_value + level_offset};
     for (int64_t p = 0; p < P; ++p) {
       const int64_t lp = l * P + p;
-      const auto pt = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
+      const auto& pt = points[lp];
       const scalar_t a = attn[lp];
       // Each channel sum is kept as kLanes partial sums, so that the channel loop vectorizes without reassociating
       // one accumulator, and folded once per sample by halving (GCC's `omp simd reduction` folds its lane copies
@@ -152,13 +207,15 @@ inline void backward_heads(const Inputs<scalar_t>& in,
                            scalar_t* grad_sampling_locations,
                            scalar_t* grad_attention_weights) {
   const int64_t M = in.s.num_heads;
+  std::vector<BilinearPoint<scalar_t>> points(in.s.num_levels * in.s.num_points);
   for (int64_t first = begin; first < end;) {
     const int64_t n = first / M, m_begin = first % M;
     const int64_t m_end = std::min(M, m_begin + (end - first));
     first += m_end - m_begin;
     for (int64_t q = 0; q < in.s.num_queries; ++q) {
       for (int64_t m = m_begin; m < m_end; ++m) {
-        backward_query_head(in, n, q, m, grad_output, grad_value, grad_sampling_locations, grad_attention_weights);
+        backward_query_head(in, n, q, m, grad_output, grad_value, grad_sampling_locations, grad_attention_weights,
+                            points.data());
       }
     }
   }
