@@ -112,5 +112,9 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must end with 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
             )
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        # Under autocast the projections come out in half precision while the locations and the softmax stay in
+        # float32. Run the op in the widest of the three rather than the narrowest: bf16 locations would be off
+        # by up to half a pixel on a 130-wide level.
+        dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+        output = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype))
         return self.output_proj(output), locations, weights

@@ -69,3 +69,18 @@ def test_bad_arguments():
     m = _module()
     with pytest.raises(ValueError, match="reference_points"):
         m(torch.randn(1, 5, 16), torch.rand(1, 5, 2, 3), torch.randn(1, S, 16), SHAPES, START)
+
+
+def test_runs_under_autocast_in_float32_with_the_eager_result():
+    # autocast hands the op a bf16 value but float32 locations and weights; the module widens, not narrows
+    m = _module()
+    with torch.no_grad():
+        m.sampling_offsets.weight.normal_()
+    q, value, ref = torch.randn(1, 5, 16), torch.randn(1, S, 16), torch.rand(1, 5, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, loc, _ = m(q, ref, value, SHAPES, START)
+    eager, eager_loc, _ = m(q, ref, value, SHAPES, START)
+    assert torch.isfinite(out).all()
+    assert loc.dtype == torch.float32
+    # only the bf16 projections differ, not where the op samples
+    assert torch.allclose(out.float(), eager, atol=0.1)
