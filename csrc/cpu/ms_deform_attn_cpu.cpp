@@ -25,13 +25,49 @@ int64_t grain_for(int64_t work_per_item) {
 // Raw pointers and sizes of one call, contiguous inputs assumed.
 template <typename scalar_t>
 struct Inputs {
-  const scalar_t* value;            // [N, S, M, D]
-  const int64_t* spatial_shapes;    // [L, 2]
-  const int64_t* level_start;       // [L]
+  const scalar_t* value;               // [N, S, M, D]
+  const int64_t* spatial_shapes;       // [L, 2]
+  const int64_t* level_start;          // [L]
   const scalar_t* sampling_locations;  // [N, Lq, M, L, P, 2]
   const scalar_t* attention_weights;   // [N, Lq, M, L, P]
   MSDeformAttnSizes s;
+  const int64_t* order;  // [N * Lq]: entry n * Lq + i is the i-th query of batch n to visit
 };
+
+// Queries in the order their first sampling point falls on a kOrderGrid x kOrderGrid grid over the image, cells
+// row-major (a stable counting sort). Consecutive queries then sample nearby value rows, which stay in cache: the
+// sparse encoder's queries (top-k tokens) and the decoder's come in no spatial order. Only the visiting order
+// changes; each output row is computed the same.
+constexpr int64_t kOrderGrid = 64;
+
+template <typename scalar_t>
+std::vector<int64_t> spatial_query_order(const scalar_t* loc, const MSDeformAttnSizes& s) {
+  const int64_t Lq = s.num_queries, per_query = s.num_heads * s.num_levels * s.num_points * 2;
+  std::vector<int64_t> order(s.batch * Lq);
+  std::vector<int64_t> cell(Lq), count(kOrderGrid * kOrderGrid + 1);
+  const auto to_cell = [](scalar_t u) -> int64_t {
+    const scalar_t scaled = u * static_cast<scalar_t>(kOrderGrid);
+    if (!(scaled > 0)) {  // also NaN
+      return 0;
+    }
+    return scaled < static_cast<scalar_t>(kOrderGrid) ? static_cast<int64_t>(scaled) : kOrderGrid - 1;
+  };
+  for (int64_t n = 0; n < s.batch; ++n) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t q = 0; q < Lq; ++q) {
+      const scalar_t* first_point = loc + (n * Lq + q) * per_query;  // head 0, level 0, point 0
+      cell[q] = per_query > 0 ? to_cell(first_point[1]) * kOrderGrid + to_cell(first_point[0]) : 0;
+      ++count[cell[q] + 1];
+    }
+    for (size_t c = 1; c < count.size(); ++c) {
+      count[c] += count[c - 1];
+    }
+    for (int64_t q = 0; q < Lq; ++q) {
+      order[n * Lq + count[cell[q]]++] = q;
+    }
+  }
+  return order;
+}
 
 #if defined(__GNUC__) || defined(__clang__)
 #define MSDA_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
@@ -40,21 +76,13 @@ struct Inputs {
 #endif
 
 // Prefetches the D channels of one value (or gradient) row.
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t D, bool for_write) {
+template <bool kForWrite, typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
   for (int64_t c = 0; c < D; c += kLine) {
-    if (for_write) {
-      MSDA_PREFETCH(row + c, 1);
-    } else {
-      MSDA_PREFETCH(row + c, 0);
-    }
+    MSDA_PREFETCH(row + c, kForWrite);
   }
-  if (for_write) {
-    MSDA_PREFETCH(row + D - 1, 1);  // the row need not start on a cache line
-  } else {
-    MSDA_PREFETCH(row + D - 1, 0);
-  }
+  MSDA_PREFETCH(row + D - 1, kForWrite);  // the row need not start on a cache line
 }
 
 // Locates the L * P sampling points of one (n, q, m) into `points` and prefetches the value rows they read (and,
@@ -76,27 +104,30 @@ inline void locate_points(const Inputs<scalar_t>& in,
       points[lp] = msda_locate<scalar_t>(loc[2 * lp], loc[2 * lp + 1], height, width);
       for (int k = 0; k < 4; ++k) {
         const int64_t row = level_offset + points[lp].index[k] * row_stride;
-        prefetch_row(in.value + row, D, false);
+        prefetch_row<false>(in.value + row, D);
         if (grad_value != nullptr) {
-          prefetch_row(grad_value + row, D, true);
+          prefetch_row<true>(grad_value + row, D);
         }
       }
     }
   }
 }
 
-// Forward over the flat (n, q) range [begin, end): for each head the D-vector of the output row is accumulated in
-// place (it stays in L1), reading each neighbour's D contiguous channels in one vectorized sweep.
+// Forward over positions [begin, end) of the visiting order (flat over n): for each head the D-vector of the
+// output row is accumulated in place (it stays in L1), reading each neighbour's D contiguous channels in one
+// vectorized sweep.
 template <typename scalar_t>
 inline void forward_rows(const Inputs<scalar_t>& in, int64_t begin, int64_t end, scalar_t* output) {
   const auto& s = in.s;
   const int64_t M = s.num_heads, D = s.head_dim, L = s.num_levels, P = s.num_points;
   const int64_t row_stride = M * D;
   std::vector<BilinearPoint<scalar_t>> points(L * P);
-  for (int64_t nq = begin; nq < end; ++nq) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / s.num_queries;
+    const int64_t nq = n * s.num_queries + in.order[i];
     for (int64_t m = 0; m < M; ++m) {
       const int64_t nqm = nq * M + m;
-      const int64_t head_offset = (nq / s.num_queries) * s.num_values * row_stride + m * D;
+      const int64_t head_offset = n * s.num_values * row_stride + m * D;
       const scalar_t* attn = in.attention_weights + nqm * L * P;
       locate_points<scalar_t>(in, in.sampling_locations + nqm * L * P * 2, head_offset, nullptr, points.data());
       scalar_t* out = output + nqm * D;
@@ -196,8 +227,8 @@ inline void backward_query_head(const Inputs<scalar_t>& in,
 }
 
 // Backward over the flat (n, m) range [begin, end), every query of each head. Within one n the task's heads are
-// visited query by query, so that a query's rows are read in order and the value rows it samples once for all
-// of them.
+// visited query by query, in the spatial order, so that a query's rows are read together and nearby queries
+// follow each other.
 template <typename scalar_t>
 inline void backward_heads(const Inputs<scalar_t>& in,
                            int64_t begin,
@@ -212,7 +243,8 @@ inline void backward_heads(const Inputs<scalar_t>& in,
     const int64_t n = first / M, m_begin = first % M;
     const int64_t m_end = std::min(M, m_begin + (end - first));
     first += m_end - m_begin;
-    for (int64_t q = 0; q < in.s.num_queries; ++q) {
+    for (int64_t i = 0; i < in.s.num_queries; ++i) {
+      const int64_t q = in.order[n * in.s.num_queries + i];
       for (int64_t m = m_begin; m < m_end; ++m) {
         backward_query_head(in, n, q, m, grad_output, grad_value, grad_sampling_locations, grad_attention_weights,
                             points.data());
@@ -293,13 +325,15 @@ Inputs<scalar_t> make_inputs(const at::Tensor& value,
                              const at::Tensor& level_start_index,
                              const at::Tensor& sampling_locations,
                              const at::Tensor& attention_weights,
-                             const MSDeformAttnSizes& s) {
+                             const MSDeformAttnSizes& s,
+                             const std::vector<int64_t>& order) {
   return {value.data_ptr<scalar_t>(),
           spatial_shapes.data_ptr<int64_t>(),
           level_start_index.data_ptr<int64_t>(),
           sampling_locations.data_ptr<scalar_t>(),
           attention_weights.data_ptr<scalar_t>(),
-          s};
+          s,
+          order.data()};
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value_,
@@ -320,8 +354,10 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_,
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    const auto order = spatial_query_order(sampling_locations.data_ptr<scalar_t>(), s);
     forward_kernel<scalar_t>(
-        make_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s),
+        make_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s,
+                              order),
         output.data_ptr<scalar_t>());
   });
   return output;
@@ -349,8 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(const
   auto grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
   if (grad_output.numel() > 0 && attention_weights.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      const auto order = spatial_query_order(sampling_locations.data_ptr<scalar_t>(), s);
       backward_kernel<scalar_t>(
-          make_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s),
+          make_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s,
+                                order),
           grad_output.data_ptr<scalar_t>(),
           grad_value.data_ptr<scalar_t>(),
           grad_sampling_locations.data_ptr<scalar_t>(),
