@@ -22,6 +22,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import sparse_detr  # noqa: F401  registers the meta-architecture, the backbones and the synthetic datasets
 from sparse_detr import add_sparse_detr_config
@@ -52,6 +53,9 @@ def setup(args) -> CfgNode:
     merge_opts(cfg, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup logs "detectron2" and "fvcore"; this package's messages (dataset generation, schedule
+    # rescaling, image cache) go to the same console and log file.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sparse_detr")
     return cfg
 
 
