@@ -102,7 +102,7 @@ def train_state(path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(datasets_root, tmp_path):
     # lr drops x0.1 at iteration 4: a scheduler restarted from scratch would be back at 2e-4.
-    common = ["OUTPUT_DIR", str(tmp_path), "SOLVER.STEPS", "(4,)", "TEST.EVAL_PERIOD", "0"]
+    common = ["OUTPUT_DIR", str(tmp_path), "SOLVER.BASE_LR", "2e-4", "SOLVER.STEPS", "(4,)", "TEST.EVAL_PERIOD", "0"]
     proc = run_train_net(common + ["SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "2"], datasets_root,
                          start_new_session=True)
     last = tmp_path / "last_checkpoint"
