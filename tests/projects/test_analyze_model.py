@@ -1,4 +1,3 @@
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from sparse_detr.utils.analysis import (
 from sparse_detr.utils.flop_count import MS_DEFORM_ATTN_OP, FlopCountAnalysis
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "projects" / "SparseDETR" / "analyze_model.py"
 # a tiny Sparse DETR (R18, hidden 64, 2 encoder / 1 decoder layers, encoder aux heads), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
@@ -32,20 +30,9 @@ H, W = 64, 96
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("analyze_model", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("analyze_model")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: a second thread only waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(opts=()):

@@ -1,30 +1,16 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "projects" / "SparseDETR" / "benchmark.py"
 # a tiny Sparse DETR (R18, hidden 64), random weights
 SPARSE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("benchmark")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: a second thread only waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

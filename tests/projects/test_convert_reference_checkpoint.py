@@ -5,7 +5,6 @@ with filler in the unused COCO ids, the reference's alias entries), so the tool 
 statement of the reference's layout. Its numerical agreement with the reference code itself is described in
 projects/SparseDETR/CONVERTING.md.
 """
-import importlib.util
 import re
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from detectron2.modeling import build_model
 import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "projects" / "SparseDETR" / "convert_reference_checkpoint.py"
 TINY = [
     "MODEL.SPARSE_DETR.HIDDEN_DIM", "32",
     "MODEL.SPARSE_DETR.NHEADS", "2",
@@ -34,11 +32,8 @@ FILLER = 1000.0  # value of the reference's rows for COCO ids detectron2 doesn't
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("convert_reference_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("convert_reference_checkpoint")
 
 
 def _coco_ids():

@@ -1,4 +1,3 @@
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -14,15 +13,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
 from sparse_detr import add_sparse_detr_config
 
-TOOL = Path(__file__).resolve().parents[2] / "projects" / "SparseDETR" / "convert_scrl.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("convert_scrl", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("convert_scrl")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +41,7 @@ def scrl_model() -> nn.Module:
     """The SCRL row's model, full size (its MODEL.WEIGHTS is what the tool writes)."""
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
-    cfg.merge_from_file(str(TOOL.parents[2] / "configs" / "scrl" / "sparse_detr_rho_0.1.yaml"))
+    cfg.merge_from_file(str(ROOT / "configs" / "scrl" / "sparse_detr_rho_0.1.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     return build_model(cfg).eval()

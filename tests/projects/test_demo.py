@@ -1,13 +1,10 @@
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "projects" / "SparseDETR" / "demo.py"
 # a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
@@ -16,19 +13,9 @@ H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at t
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("demo", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("demo")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _image(seed=0):
