@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""What a seeded tiny model of each paper variant computes, in float64: the values `test_pinned_outputs.py` freezes.
+
+Run it to regenerate `pinned_outputs.json` after a deliberate change of what the model computes (and say why in
+the commit); a refactoring must leave the file as it is:
+
+    python tests/modeling/pinned_outputs.py
+
+Everything is read through the model's public interface, so the pins survive any reorganisation of its insides:
+- every (weighted) loss term of a training step;
+- the final decoder layer's logits and boxes: inference with NUM_DETECTIONS = queries x classes returns every
+  (query, class) score with its box, sorted by score;
+- for Sparse DETR, the scoring network's logits and the tokens it keeps (the selected token indices), per level.
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from sparse_detr import add_sparse_detr_config
+
+FIXTURE = Path(__file__).with_name("pinned_outputs.json")
+REPO = Path(__file__).resolve().parents[2]
+
+NUM_CLASSES = 5
+NUM_QUERIES = 10
+# The four rows the paper compares; the keys are MODEL.SPARSE_DETR switches.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "deformable_detr": {},
+    "deformable_detr_bbr_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
+    "efficient_detr": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True),
+    "sparse_detr_enc_aux": dict(
+        WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3,
+        USE_ENC_AUX_LOSS=True,
+    ),
+}
+
+
+def pinned_cfg(variant: str) -> CfgNode:
+    """A ResNet-18, 32-channel, 2+2-layer model. Spelled out here, not shared with the test fixtures, because the
+    pinned numbers belong to exactly this configuration."""
+    cfg = get_cfg()
+    add_sparse_detr_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "Base-SparseDETR.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    S = cfg.MODEL.SPARSE_DETR
+    S.NUM_CLASSES = NUM_CLASSES
+    S.HIDDEN_DIM = 32
+    S.NHEADS = 2
+    S.ENC_LAYERS = 2
+    S.DEC_LAYERS = 2
+    S.DIM_FEEDFORWARD = 64
+    S.DROPOUT = 0.0
+    S.NUM_QUERIES = NUM_QUERIES
+    S.ENC_N_POINTS = 2
+    S.DEC_N_POINTS = 2
+    S.NUM_DETECTIONS = NUM_QUERIES * NUM_CLASSES
+    for key, value in VARIANTS[variant].items():
+        setattr(S, key, value)
+    return cfg
+
+
+def pinned_inputs() -> List[Dict[str, Any]]:
+    """Two images of different sizes (so one is padded), float64 pixels, with 2 and 3 boxes."""
+    g = torch.Generator().manual_seed(1234)
+    inputs = []
+    for (h, w), n in (((64, 96), 2), ((80, 56), 3)):
+        xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([w / 2, h / 2], dtype=torch.float64)
+        wh = (0.2 + 0.3 * torch.rand(n, 2, generator=g, dtype=torch.float64)) * torch.tensor([w, h])
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        instances.gt_classes = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        image = torch.rand(3, h, w, generator=g, dtype=torch.float64) * 255
+        inputs.append({"image": image, "instances": instances, "height": h, "width": w})
+    return inputs
+
+
+def compute(variant: str) -> Dict[str, Any]:
+    """The pinned values of one variant, as plain Python numbers."""
+    torch.manual_seed(0)
+    model = build_model(pinned_cfg(variant)).double()
+    inputs = pinned_inputs()
+    model.train()
+    losses = model(inputs)
+    out: Dict[str, Any] = {"losses": {k: float(v.detach()) for k, v in sorted(losses.items())}}
+
+    model.eval()
+    with torch.no_grad():
+        if model.rho > 0:
+            results, saliency = model.inference_with_saliency(inputs)
+            out["token_scores"] = [[s.flatten().tolist() for s in image["scores"]] for image in saliency]
+            out["kept_tokens"] = [
+                [torch.nonzero(k.flatten()).flatten().tolist() for k in image["kept"]] for image in saliency
+            ]
+        else:
+            results = model(inputs)
+    out["detections"] = [
+        {
+            "scores": r["instances"].scores.tolist(),
+            "classes": r["instances"].pred_classes.tolist(),
+            "boxes": r["instances"].pred_boxes.tensor.tolist(),
+        }
+        for r in results
+    ]
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    pins = {variant: compute(variant) for variant in VARIANTS}
+    FIXTURE.write_text(json.dumps(pins, indent=1) + "\n")
+    print(f"wrote {FIXTURE.relative_to(REPO)} ({', '.join(pins)})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
