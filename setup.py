@@ -1,7 +1,8 @@
 """Builds the multi-scale deformable attention extension `sparse_detr._C` from csrc/.
 
-The CPU kernels are always built. The CUDA kernels are built too when a CUDA toolkit is found and either a GPU is
-visible or FORCE_CUDA=1 (CI sets it, so a broken .cu file fails CI even on a machine without a GPU).
+The CPU kernels are always built, and so is a host harness that runs the CUDA kernels' thread functions on the CPU.
+The CUDA kernels are built too when a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1 (CI sets it,
+so a broken .cu file fails CI even on a machine without a GPU).
 """
 import glob
 import os
@@ -49,7 +50,9 @@ def _cuda_library_dirs() -> List[str]:
 
 
 def _extension():
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # csrc/cuda/*.cpp is host code of the CUDA kernels (their host harness), built without a toolkit too.
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+                     + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
     # at::parallel_for is an inline `#pragma omp parallel` in torch's headers: without -fopenmp it silently runs on
     # one thread. The extension then links libgomp.so.1, the runtime torch already loaded, so there is one pool.
     extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}

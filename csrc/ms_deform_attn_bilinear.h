@@ -137,4 +137,12 @@ MSDA_UNROLL
   return b;
 }
 
+// An adder for `msda_scatter` that adds plainly, for callers that own the rows they add into: the CPU kernel (each
+// task its own (n, m) slice of the gradient) and the host harness of the CUDA kernels (one thread at a time).
+template <typename acc_t>
+struct PlainAdder {
+  acc_t* base;
+  void operator()(int64_t i, acc_t amount, bool /*inside: amount is zero when false*/) { base[i] += amount; }
+};
+
 }  // namespace sparse_detr

@@ -151,13 +151,6 @@ inline void forward_rows(const Inputs<scalar_t>& in, int64_t begin, int64_t end,
 // Partial sums per quantity in the backward's channel loop: one AVX-512 vector of float.
 constexpr int kLanes = 16;
 
-// Plain adds: the caller guarantees that no other thread writes the same rows.
-template <typename scalar_t>
-struct PlainAdder {
-  scalar_t* base;
-  void operator()(int64_t i, scalar_t amount, bool /*inside: amount is zero when false*/) { base[i] += amount; }
-};
-
 // Backward of one (n, q, m): scatters into grad_value[n, :, m, :] and writes the location and attention-weight
 // gradients of the query's L * P samples.
 template <typename scalar_t>

@@ -83,10 +83,11 @@ def test_backward_matches_reference_autograd():
 
 
 @requires_op
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("case", ["one_level", "odd_sizes", "far_outside"])
-def test_gradcheck(case: str):
+def test_gradcheck(case: str, device: str):
     kwargs = dict(SHAPE_CASES[case], batch=1, num_queries=3)
-    value, shapes, starts, loc, weights = make_inputs(**kwargs)
+    value, shapes, starts, loc, weights = [t.to(device) for t in make_inputs(**kwargs)]
     leaves = [t.requires_grad_() for t in (value, loc, weights)]
     assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn(v, shapes, starts, l, w), leaves)
 
@@ -339,10 +340,9 @@ def test_cuda_matches_cpu_kernel_float64(case: str):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-10)
 
 
-@requires_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
-def test_cuda_low_precision_matches_float64(dtype: torch.dtype, tol: float):
-    inputs = make_inputs(dtype=torch.float64, **SHAPE_CASES["four_levels"])
+def assert_low_precision_close(forward, backward, device: str, dtype: torch.dtype, tol: float, **case) -> None:
+    """`forward` and `backward` (the op's signatures) in `dtype` on `device` against float64 on the same inputs."""
+    inputs = make_inputs(dtype=torch.float64, **case)
     grad_out = torch.randn(inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
                            dtype=torch.float64)
     # Round the inputs to `dtype` first, so that what is compared is the kernel's arithmetic (float32
@@ -350,11 +350,21 @@ def test_cuda_low_precision_matches_float64(dtype: torch.dtype, tol: float):
     inputs = [t.to(dtype).double() if t.is_floating_point() else t for t in inputs]
     grad_out = grad_out.to(dtype).double()
     exact = [ms_deform_attn_pytorch(*inputs), *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs)]
-    low = [t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for t in inputs]
-    out = ms_deform_attn(*low)
-    grads = torch.ops.sparse_detr.ms_deform_attn_backward(grad_out.cuda().to(dtype), *low)
+    low = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]
+    out = forward(*low)
+    grads = backward(grad_out.to(device=device, dtype=dtype), *low)
     for ours, ref in zip([out, *grads], exact):
         assert ours.dtype == dtype
         # Relative to the tensor's scale: location gradients are sums of many terms.
         scale = ref.abs().max().clamp_min(1.0)
         torch.testing.assert_close(ours.double().cpu() / scale, ref / scale, rtol=tol, atol=tol)
+
+
+LOW_PRECISION_TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", LOW_PRECISION_TOLERANCES)
+def test_cuda_low_precision_matches_float64(dtype: torch.dtype, tol: float):
+    assert_low_precision_close(ms_deform_attn, torch.ops.sparse_detr.ms_deform_attn_backward, "cuda", dtype, tol,
+                               **SHAPE_CASES["four_levels"])
