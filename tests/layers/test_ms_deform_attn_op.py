@@ -89,7 +89,9 @@ def test_gradcheck(case: str, device: str):
     kwargs = dict(SHAPE_CASES[case], batch=1, num_queries=3)
     value, shapes, starts, loc, weights = [t.to(device) for t in make_inputs(**kwargs)]
     leaves = [t.requires_grad_() for t in (value, loc, weights)]
-    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn(v, shapes, starts, l, w), leaves)
+    # CUDA's atomic adds sum the value gradient in a varying order: two backward passes differ in the last bits.
+    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn(v, shapes, starts, l, w), leaves,
+                                    nondet_tol=1e-12 if device == "cuda" else 0.0)
 
 
 @requires_op
