@@ -20,6 +20,7 @@ torch.cuda.max_memory_allocated() minus what was allocated before the call.
 
 Usage: python projects/SparseDETR/bench_op.py [--repeats 7] [--warmup 1] [--threads T]
                                               [--calls encoder,sparse_encoder,decoder] [--json FILE]
+                                              [--targets cpu:float32,cuda:float16,...]
 """
 import argparse
 import json
@@ -209,6 +210,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, help="intra-op threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated subset of {CALLS}")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--targets", help="comma-separated DEVICE:DTYPE pairs; default cpu:float32, plus "
+                        "cuda:float32 and cuda:float16 where the CUDA kernels run")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "CALL", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -229,9 +232,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     _implementations()
     from sparse_detr import _C
 
-    targets = [("cpu", "float32")]
-    if torch.cuda.is_available() and _C.compiled_with_cuda():
-        targets += [("cuda", "float32"), ("cuda", "float16")]
+    if args.targets:
+        targets = [tuple(t.split(":", 1)) for t in args.targets.split(",") if t]
+    else:
+        targets = [("cpu", "float32")]
+        if torch.cuda.is_available() and _C.compiled_with_cuda():
+            targets += [("cuda", "float32"), ("cuda", "float16")]
     print(f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")

@@ -13,6 +13,7 @@ Examples:
       --baseline configs/swin_t/deformable_detr_bbr_two_stage.yaml
 """
 import argparse
+import json
 import os
 import platform
 import time
@@ -135,6 +136,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", nargs=2, type=int, default=[850, 1040], metavar=("H", "W"))
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the returned results to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every model")
     return parser
 
@@ -192,7 +194,7 @@ def main(argv=None) -> Dict[str, Any]:
     )
     print(header)
     print(tabulate(rows, headers=headers, tablefmt="pipe"))
-    return {
+    result = {
         "header": header,
         "rows": [
             {"config": path, "model": model_name(cfg), "seconds_per_batch": {b: medians[b][path] for b in medians}}
@@ -200,6 +202,10 @@ def main(argv=None) -> Dict[str, Any]:
         ],
         "baseline": baseline,
     }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":
