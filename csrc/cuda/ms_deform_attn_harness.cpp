@@ -5,7 +5,6 @@
 // serially, once for every thread index of the launch the GPU would get, tail of the last block included. Only the
 // launch differs: atomic adds become plain adds, and the warp-shuffle sum over a group of lanes is done on values
 // the group's lanes leave behind. Compiled into every build, so that CI tests the kernels' logic without a GPU.
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
