@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
 export CUDA_HOME
 
-.PHONY: install test build-ext bench-op demo clean
+.PHONY: install test build-ext bench-op demo gpu-wheels gpu-check clean
 
 install:
 	python3 -m venv $(VENV)
@@ -48,6 +48,22 @@ demo: $(STAMP)
 	@echo "untrained: $$(grep 'copypaste: [0-9n]' output/demo/untrained/log.txt | tail -n 1 | sed 's/.*copypaste: //')"
 	@echo "trained:   $$(grep 'copypaste: [0-9n]' output/demo/log.txt | tail -n 1 | sed 's/.*copypaste: //')"
 	@echo "picture:   output/demo/detections.png"
+
+# The GPU check (scripts/gpu_check.py): on a machine with one GPU, builds the CUDA kernels for it, runs the CUDA
+# tests, bench_op's CUDA rows, the throughput table and 100 AMP training iterations in at most 8 minutes, and
+# writes every table and log into $(OUT) (at most 8 files). CHECK_PY is the Python to check; what it lacks is
+# installed into it, offline, from $(WHEELS), which `make gpu-wheels` fills here, with network, for Python 3.12.
+# $(WHEELS) is git-ignored: it travels with the working tree only when named, e.g. in the device tool's `carry`.
+# DRY_RUN=1 runs the same steps on the CPU with tiny sizes (tests/test_gpu_check.py does).
+CHECK_PY ?= python3
+WHEELS ?= .whl
+OUT ?= output/gpu-check
+DRY_RUN ?= 0
+gpu-wheels:
+	bash scripts/gpu_wheels.sh $(PY) $(WHEELS)
+
+gpu-check:
+	$(CHECK_PY) scripts/gpu_check.py $(OUT) --wheels $(WHEELS) $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
 
 clean:
 	rm -rf build *.egg-info sparse_detr/_C*.so
