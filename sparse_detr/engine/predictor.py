@@ -14,7 +14,7 @@ class SaliencyPredictor(DefaultPredictor):
 
     @property
     def has_saliency(self) -> bool:
-        return self.model.transformer.token_selection
+        return self.model.transformer.has_scoring_network
 
     def __call__(self, original_image: np.ndarray) -> Tuple[Dict, Optional[Dict[str, List[torch.Tensor]]]]:
         """

@@ -72,7 +72,7 @@ def test_flops_count_the_deformable_attention_op(opts, caplog):
     assert parts["backbone"] > 0 and parts["encoder"] > 0 and parts["decoder"] > 0
     assert parts.get("encoder aux heads", 0) == 0  # not run at inference
     assert 0 <= parts["other"] < 0.01 * parts["total"]
-    assert ("token scoring" in parts) == (opts == [])
+    assert ("scoring network" in parts) == (opts == [])
 
 
 def test_training_only_heads():
