@@ -12,6 +12,7 @@ Multi-node: add ``--num-machines N --machine-rank R --dist-url tcp://<ip of rank
 import argparse
 import logging
 import os
+from typing import Any, Dict, Optional
 
 # OpenMP threads that spin while they wait stall each other when the cores are oversubscribed (several processes, or
 # other work on the same cores), which can make a training step several times slower than with sleeping waiters.
@@ -40,7 +41,8 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def main(args: argparse.Namespace):
+def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The evaluation results with --eval-only; after training, what DefaultTrainer.train returns."""
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:

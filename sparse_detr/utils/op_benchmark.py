@@ -169,7 +169,8 @@ def _spawn(
     env = dict(os.environ)
     if mode == "memory" and device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # see the module docstring; timings keep malloc's default
-    cmd = [sys.executable, "-m", __name__, mode, call, device, dtype, "--warmup", str(warmup), "--repeats", str(repeats)]
+    cmd = [sys.executable, "-m", __name__, mode, call, device, dtype,
+           "--warmup", str(warmup), "--repeats", str(repeats)]
     if threads:
         cmd += ["--threads", str(threads)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

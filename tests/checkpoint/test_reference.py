@@ -1,9 +1,10 @@
-"""The reference checkpoint conversion (sparse_detr.checkpoint.reference) on synthetic reference-named checkpoints of tiny models.
+"""The reference checkpoint conversion (sparse_detr.checkpoint.reference) on synthetic reference-named checkpoints
+of tiny models.
 
 The reference-named state dict is written here by hand from our own model (inverse renaming, 80 -> 91 class rows
-with filler in the unused COCO ids, the reference's alias entries), so the conversion is checked against an independent
-statement of the reference's layout. Its numerical agreement with the reference code itself is described in
-projects/SparseDETR/CONVERTING.md.
+with filler in the unused COCO ids, the reference's alias entries), so the conversion is checked against an
+independent statement of the reference's layout. Its numerical agreement with the reference code itself is
+described in projects/SparseDETR/CONVERTING.md.
 """
 import re
 from pathlib import Path

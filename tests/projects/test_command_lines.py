@@ -31,7 +31,8 @@ def _commands(workdir: Path) -> Dict[str, List[str]]:
     cv2.imwrite(str(image), np.full((48, 64, 3), 120, dtype=np.uint8))
     return {
         "analyze_model": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter"],
-        "analyze_model --eval-only": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter", "--eval-only"],
+        "analyze_model --eval-only": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter",
+                                      "--eval-only"],
         "benchmark": ["benchmark.py", "--configs", SMOKE, "--baseline", SMOKE, "--batch-sizes", "1", "--warmup", "0",
                       "--iters", "1", "--input-size", "64", "96", "--threads", "1"],
         "bench_op --help": ["bench_op.py", "--help"],
