@@ -25,6 +25,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from ..config import setup_cfg
+from ..modeling.heads import HeadLayout
 from .io import load_weights_file, state_dict_of
 from .resnet import torchvision_resnet_to_detectron2
 from .swin import swin_state_dict_to_timm
@@ -50,20 +51,23 @@ def coco_contiguous_to_id() -> List[int]:
     return [dataset_id for dataset_id, _ in sorted(id_map.items(), key=lambda item: item[1])]
 
 
-def _drop_aliases(state_dict: Mapping[str, torch.Tensor], num_heads: int) -> Tuple[Dict[str, torch.Tensor], int]:
+def _drop_aliases(state_dict: Mapping[str, torch.Tensor], layout: HeadLayout) -> Tuple[Dict[str, torch.Tensor], int]:
     """Remove the reference's second registrations of its heads, after checking they equal the originals.
 
-    ``transformer.decoder.{head}.{i}`` is ``{head}.{i}``; ``transformer.encoder.{head}.{j}`` is one of the last
-    ``enc_layers - 1`` heads (the encoder aux heads close the reference's head list).
+    ``transformer.decoder.{head}.{i}`` is head ``i`` (the reference hands its decoder the whole list, the proposal
+    head included); ``transformer.encoder.{head}.{j}`` is encoder aux head ``j``.
     """
     aliases = {k: m for k in state_dict if (m := _ALIAS.match(k))}
-    num_encoder_aliases = len({m.group(3) for m in aliases.values() if m.group(1) == "encoder"})
     out = {k: v for k, v in state_dict.items() if k not in aliases}
     for key, m in aliases.items():
         part, head, index, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-        if part == "encoder":
-            index += num_heads - num_encoder_aliases
-        original = f"{head}.{index}.{rest}"
+        role = range(len(layout)) if part == "decoder" else layout.encoder_aux
+        if index >= len(role):
+            raise ValueError(
+                f"reference alias {key}: the config has {len(role)} such heads (MODEL.SPARSE_DETR.DEC_LAYERS, "
+                "TWO_STAGE, ENC_LAYERS, USE_ENC_AUX_LOSS); is it the row the checkpoint was trained as?"
+            )
+        original = f"{head}.{role[index]}.{rest}"
         if original not in out or not torch.equal(out[original], state_dict[key]):
             raise ValueError(f"reference alias {key} does not repeat {original}: not a checkpoint of the reference")
     return out, len(aliases)
@@ -84,10 +88,9 @@ def _convert_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str,
     return {f"backbone.{k}": v for k, v in renamed.items()}, kind
 
 
-def _class_rows(index: int, num_dec: int, cfg: CfgNode, coco_ids: Sequence[int]) -> List[int]:
+def _class_rows(index: int, layout: HeadLayout, binary_proposals: bool, coco_ids: Sequence[int]) -> List[int]:
     """Reference rows that make our class head ``index`` (80 classes)."""
-    S = cfg.MODEL.SPARSE_DETR
-    if S.TWO_STAGE and not S.EFF_SPECIFIC_HEAD and index == num_dec:
+    if binary_proposals and index == layout.proposal:
         return [0] + list(coco_ids[1:])  # binary proposal head: only column 0 is used and trained positive
     return list(coco_ids)
 
@@ -106,7 +109,8 @@ def convert_state_dict(
     num_heads = len({m.group(1) for k in state_dict if (m := _CLASS_HEAD.match(k))})
     if num_heads == 0:
         raise ValueError("no class_embed.* keys: not a checkpoint of the reference implementation")
-    state_dict, num_aliases = _drop_aliases(state_dict, num_heads)
+    layout = HeadLayout.from_config(cfg)
+    state_dict, num_aliases = _drop_aliases(state_dict, layout)
     backbone, kind = _convert_backbone(state_dict)
     converted = dict(backbone)
     converted.update({k: v for k, v in state_dict.items() if not k.startswith("backbone.")})
@@ -116,7 +120,8 @@ def convert_state_dict(
         notes.append("class heads: the reference's 91 COCO-id columns kept")
         return converted, notes
     shared_heads = not (S.WITH_BOX_REFINE or S.USE_ENC_AUX_LOSS)
-    if shared_heads and S.TWO_STAGE and not S.EFF_SPECIFIC_HEAD:
+    binary_proposals = S.TWO_STAGE and not S.EFF_SPECIFIC_HEAD
+    if shared_heads and binary_proposals:
         raise ValueError(
             "this config shares one class head between the decoder (COCO classes) and the binary two-stage proposal "
             "scores (column 0); it cannot be remapped to 80 classes: convert with --num-classes 91"
@@ -126,11 +131,11 @@ def convert_state_dict(
         value = converted[key]
         if value.shape[0] != REFERENCE_NUM_CLASSES:
             raise ValueError(f"{key} has {value.shape[0]} rows; the reference's COCO heads have 91")
-        rows = _class_rows(int(_CLASS_HEAD.match(key).group(1)), S.DEC_LAYERS, cfg, coco_ids)
+        rows = _class_rows(int(_CLASS_HEAD.match(key).group(1)), layout, binary_proposals, coco_ids)
         converted[key] = value[rows].clone()
     notes.append(f"class heads: {num_heads} heads, rows of COCO ids {coco_ids[:3]}...{coco_ids[-1]} -> 0..79")
-    if S.TWO_STAGE and not S.EFF_SPECIFIC_HEAD:
-        notes.append(f"binary proposal head class_embed.{S.DEC_LAYERS} keeps its column 0")
+    if binary_proposals:
+        notes.append(f"binary proposal head class_embed.{layout.proposal} keeps its column 0")
     return converted, notes
 
 

@@ -13,6 +13,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from .dam import attention_map_to_flat_grid, dam_correlation, dam_target
 from .deformable_decoder import DecoderOutput
+from .heads import HeadLayout
 from .levels import FlatLevels
 from .matcher import HungarianMatcher
 from .structures import Prediction, Target
@@ -111,15 +112,16 @@ class SetCriterion(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         S = cfg.MODEL.SPARSE_DETR
+        layout = HeadLayout.from_config(cfg)
         weight_dict = build_weight_dict(
             cls_loss_coef=S.CLS_LOSS_COEF,
             bbox_loss_coef=S.BBOX_LOSS_COEF,
             giou_loss_coef=S.GIOU_LOSS_COEF,
             mask_prediction_coef=S.MASK_PREDICTION_COEF,
-            num_decoder_layers=S.DEC_LAYERS,
+            num_decoder_layers=layout.num_decoder_layers,
             aux_loss=S.AUX_LOSS,
-            two_stage=S.TWO_STAGE,
-            num_encoder_aux_layers=S.ENC_LAYERS - 1 if S.USE_ENC_AUX_LOSS else 0,
+            two_stage=layout.two_stage,
+            num_encoder_aux_layers=layout.num_encoder_aux,
             scoring_network=S.RHO > 0,
         )
         return {

@@ -36,6 +36,19 @@ class HeadLayout:
     two_stage: bool
     num_encoder_aux: int = 0
 
+    @classmethod
+    def of(
+        cls, num_decoder_layers: int, two_stage: bool, num_encoder_layers: int, encoder_aux_loss: bool
+    ) -> "HeadLayout":
+        """The layout of a model: the encoder aux loss puts heads on every encoder layer but the last."""
+        return cls(num_decoder_layers, two_stage, num_encoder_layers - 1 if encoder_aux_loss else 0)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HeadLayout":
+        """The layout of the model MODEL.SPARSE_DETR describes."""
+        S = cfg.MODEL.SPARSE_DETR
+        return cls.of(S.DEC_LAYERS, S.TWO_STAGE, S.ENC_LAYERS, S.USE_ENC_AUX_LOSS)
+
     @property
     def decoder(self) -> range:
         return range(self.num_decoder_layers)

@@ -131,10 +131,8 @@ class SparseDETR(nn.Module):
         if not transformer.two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
 
-        self.head_layout = HeadLayout(
-            num_decoder_layers=transformer.decoder.num_layers,
-            two_stage=transformer.two_stage,
-            num_encoder_aux=transformer.encoder.num_layers - 1 if use_enc_aux_loss else 0,
+        self.head_layout = HeadLayout.of(
+            transformer.decoder.num_layers, transformer.two_stage, transformer.encoder.num_layers, use_enc_aux_loss
         )
         # independent heads where layers refine boxes or see different tokens, else one shared by all roles
         heads = DetectionHeads.build(
