@@ -21,10 +21,36 @@ struct MSDeformAttnSizes {
   int64_t num_points;   // P
 };
 
-// Checks ranks, sizes, dtypes and devices (TORCH_CHECK, errors name the argument) and returns the sizes.
-// When `check_levels` is set (index tensors on the CPU) it also checks that spatial_shapes add up to S and that
-// level_start_index is their exclusive prefix sum; CUDA kernels guard the same bounds with device asserts instead
-// of a host sync.
+// The input specification of ms_deform_attn, written once for both implementations of it: this function (the
+// compiled op, whichever way it is called: torch.ops, torch.compile, export) and `_check_inputs` in
+// sparse_detr/layers/ms_deform_attn_op.py (which runs before the op and before the pure-PyTorch fallback). Both
+// apply the rules in this order and raise the first broken one with the same exception and the same message,
+// "ms_deform_attn: ..." (TORCH_CHECK_TYPE is Python's TypeError, TORCH_CHECK_VALUE its ValueError). The table
+// BAD_INPUTS in tests/layers/test_ms_deform_attn_op.py runs every rule through both, against the exact message.
+//
+//   0. Each argument is a Tensor (TypeError). Python only: in C++ the schema's `Tensor` arguments enforce it.
+//   1. Ranks, argument by argument (ValueError): value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
+//      sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P].
+//   2. Dtypes (TypeError): value is floating point; sampling_locations, then attention_weights, have value's
+//      dtype; spatial_shapes, then level_start_index, are int64. Dtypes are named as Python names them
+//      ("torch.float64").
+//   3. Devices (ValueError): spatial_shapes, level_start_index, sampling_locations, attention_weights, in this
+//      order, are on value's device.
+//   4. Sizes (ValueError), dim by dim, against N, M of value, L of spatial_shapes and Lq, P of sampling_locations:
+//      spatial_shapes dim 1 is 2; level_start_index dim 0 is L; sampling_locations dims 0, 2, 3, 5 are N, M, L, 2;
+//      attention_weights dims 0 to 4 are N, Lq, M, L, P.
+//   5. Levels (ValueError), read from the values of spatial_shapes and level_start_index, level by level:
+//      a. H and W are positive;
+//      b. level_start_index[l] is the number of positions of the levels before l.
+//      Then, after the last level: the levels add up to S.
+//
+// Rule 5 needs spatial_shapes and level_start_index on the host, so it runs only where they already are:
+//   - C++, `check_levels` set: the CPU kernels.
+//   - CUDA kernels: a device assert per level (5a and the level within value), which guards memory without a host
+//     sync but not 5b nor the sum.
+//   - Python: in eager mode, on any device (on CUDA one small host copy); skipped while compiling or tracing,
+//     where the compiled op's checks of the two lines above still apply.
+// Returns the sizes.
 MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -33,7 +59,8 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& attention_weights,
     bool check_levels);
 
-// Checks grad_output against the forward's sizes: [N, Lq, M * D], same dtype and device as value.
+// The backward op's extra argument, checked after the inputs (C++ only: autograd makes grad_output itself):
+// grad_output is [N, Lq, M * D] (ValueError), of value's dtype (TypeError) and on value's device (ValueError).
 void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
                                       const MSDeformAttnSizes& sizes);
 
