@@ -105,7 +105,10 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
                         "] must be positive (H, W), got (", height, ", ", width, ")");
       TORCH_CHECK_VALUE(start[l] == total, "ms_deform_attn: level_start_index[", l, "] is ", start[l],
                         " but spatial_shapes put level ", l, " at ", total);
-      total += height * width;
+      TORCH_CHECK_VALUE(msda_level_fits(total, height, width, s.num_values), "ms_deform_attn: spatial_shapes[", l,
+                        "] = (", height, ", ", width, ") does not fit in value: level ", l, " starts at ", total,
+                        " of S = ", s.num_values);
+      total += height * width;  // at most S, by the check above
     }
     TORCH_CHECK_VALUE(total == s.num_values, "ms_deform_attn: spatial_shapes add up to ", total,
                       " positions but value has S = ", s.num_values);

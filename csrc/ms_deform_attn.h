@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <tuple>
 
@@ -41,13 +42,15 @@ struct MSDeformAttnSizes {
 //      attention_weights dims 0 to 4 are N, Lq, M, L, P.
 //   5. Levels (ValueError), read from the values of spatial_shapes and level_start_index, level by level:
 //      a. H and W are positive;
-//      b. level_start_index[l] is the number of positions of the levels before l.
+//      b. level_start_index[l] is the number of positions of the levels before l;
+//      c. H * W fits in the positions of value left after them. Checked without forming the product, so that a
+//         level like 2^32 x 2^32, whose H * W wraps around in int64, is rejected rather than read out of bounds.
 //      Then, after the last level: the levels add up to S.
 //
 // Rule 5 needs spatial_shapes and level_start_index on the host, so it runs only where they already are:
 //   - C++, `check_levels` set: the CPU kernels.
-//   - CUDA kernels: a device assert per level (5a and the level within value), which guards memory without a host
-//     sync but not 5b nor the sum.
+//   - CUDA kernels: a device assert per level (msda_level_fits: 5a, 5c and level_start_index within value), which
+//     guards memory without a host sync but not 5b nor the sum.
 //   - Python: in eager mode, on any device (on CUDA one small host copy); skipped while compiling or tracing,
 //     where the compiled op's checks of the two lines above still apply.
 // Returns the sizes.
@@ -58,6 +61,12 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     bool check_levels);
+
+// Rule 5's bound for one level: positive H and W, a start within value, and H * W no more than the num_values -
+// start positions left, without computing H * W (which wraps around in int64 for a 2^32 x 2^32 level).
+C10_HOST_DEVICE inline bool msda_level_fits(int64_t start, int64_t height, int64_t width, int64_t num_values) {
+  return height > 0 && width > 0 && start >= 0 && start <= num_values && height <= (num_values - start) / width;
+}
 
 // The backward op's extra argument, checked after the inputs (C++ only: autograd makes grad_output itself):
 // grad_output is [N, Lq, M * D] (ValueError), of value's dtype (TypeError) and on value's device (ValueError).

@@ -157,6 +157,12 @@ def _check_inputs(
             raise ValueError(
                 f"ms_deform_attn: level_start_index[{lid}] is {start} but spatial_shapes put level {lid} at {total}"
             )
+        # Python ints do not wrap around; the C++ op's msda_level_fits rejects the same levels without multiplying.
+        if h * w > S - total:
+            raise ValueError(
+                f"ms_deform_attn: spatial_shapes[{lid}] = ({h}, {w}) does not fit in value: level {lid} starts at "
+                f"{total} of S = {S}"
+            )
         total += h * w
     if total != S:
         raise ValueError(f"ms_deform_attn: spatial_shapes add up to {total} positions but value has S = {S}")
@@ -188,10 +194,10 @@ def ms_deform_attn(
         [N, Lq, M * D], heads concatenated.
     Raises:
         TypeError / ValueError naming the argument on bad input, by the specification in csrc/ms_deform_attn.h,
-        which the compiled op follows too. The checks that read values (each level positive, level_start_index
-        matching spatial_shapes, the levels adding up to S) run in eager mode only; on CUDA they copy those two
-        small tensors to the host. Under torch.compile/export/tracing the op's own C++ checks (CPU) and device
-        asserts (CUDA: each level within value) still guard them.
+        which the compiled op follows too. The checks that read values (each level positive and fitting in value,
+        level_start_index matching spatial_shapes, the levels adding up to S) run in eager mode only; on CUDA they
+        copy those two small tensors to the host. Under torch.compile/export/tracing the op's own C++ checks (CPU)
+        and device asserts (CUDA: each level within value) still guard them.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _C is None:

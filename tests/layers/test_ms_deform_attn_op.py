@@ -166,6 +166,10 @@ def _const(rows: List[List[int]]) -> Callable[[Tensor], Tensor]:
     return lambda _: torch.tensor(rows, dtype=torch.int64)
 
 
+# A 4 x _WRAPS level has 2^64 + 20 positions, 20 once wrapped around in int64: the area of the 4x5 level it
+# replaces, so that level_start_index and the sum would agree with wrapped products.
+_WRAPS = 2**62 + 5
+
 # The input specification of csrc/ms_deform_attn.h, one row (at least) per rule, in its order, plus rows where two
 # rules break and the earlier one must be reported. name: (changes, exception, the exact message).
 BAD_INPUTS = {
@@ -244,9 +248,17 @@ BAD_INPUTS = {
                      "level_start_index[0] is 1 but spatial_shapes put level 0 at 0"),
     "starts_second": (dict(level_start_index=_const([0, 19])), ValueError,
                       "level_start_index[1] is 19 but spatial_shapes put level 1 at 20"),
+    # 5c. Each level fits in what is left of value: also where H * W wraps around in int64.
+    "level_too_large": (dict(spatial_shapes=_const([[4, 5], [3, 3]])), ValueError,
+                        "spatial_shapes[1] = (3, 3) does not fit in value: level 1 starts at 20 of S = 26"),
+    # 2^32 x 2^32 wraps around to 0: with starts [0, 0] and a second level of all 26 positions, wrapped products
+    # would agree with level_start_index and S.
+    "level_wraps_to_zero": (dict(spatial_shapes=_const([[2**32, 2**32], [2, 13]]), level_start_index=_const([0, 0])),
+                            ValueError, "spatial_shapes[0] = (4294967296, 4294967296) does not fit in value: "
+                            "level 0 starts at 0 of S = 26"),
+    "level_wraps_to_fit": (dict(spatial_shapes=_const([[4, _WRAPS], [2, 3]])), ValueError,
+                           f"spatial_shapes[0] = (4, {_WRAPS}) does not fit in value: level 0 starts at 0 of S = 26"),
     # 5, after the last level: the sum.
-    "shapes_long": (dict(spatial_shapes=_const([[4, 5], [3, 3]])), ValueError,
-                    "spatial_shapes add up to 29 positions but value has S = 26"),
     "shapes_short": (dict(spatial_shapes=_const([[4, 5], [2, 2]])), ValueError,
                      "spatial_shapes add up to 24 positions but value has S = 26"),
     "no_levels": (dict(spatial_shapes=lambda t: t[:0], level_start_index=lambda t: t[:0],
