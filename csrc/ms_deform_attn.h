@@ -43,8 +43,8 @@ struct MSDeformAttnSizes {
 //   5. Levels (ValueError), read from the values of spatial_shapes and level_start_index, level by level:
 //      a. H and W are positive;
 //      b. level_start_index[l] is the number of positions of the levels before l;
-//      c. H * W fits in the positions of value left after them. Checked without forming the product, so that a
-//         level like 2^32 x 2^32, whose H * W wraps around in int64, is rejected rather than read out of bounds.
+//      c. H * W fits in the positions of value left after them. Checked exactly (msda_level_fits), so that a level
+//         like 2^32 x 2^32, whose H * W wraps around in int64, is rejected rather than read out of bounds.
 //      Then, after the last level: the levels add up to S.
 //
 // Rule 5 needs spatial_shapes and level_start_index on the host, so it runs only where they already are:
@@ -63,9 +63,16 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     bool check_levels);
 
 // Rule 5's bound for one level: positive H and W, a start within value, and H * W no more than the num_values -
-// start positions left, without computing H * W (which wraps around in int64 for a 2^32 x 2^32 level).
+// start positions left, exactly, though H * W may not fit in int64 (2^32 x 2^32 wraps around to 0).
 C10_HOST_DEVICE inline bool msda_level_fits(int64_t start, int64_t height, int64_t width, int64_t num_values) {
-  return height > 0 && width > 0 && start >= 0 && start <= num_values && height <= (num_values - start) / width;
+  if (height <= 0 || width <= 0 || start < 0 || start > num_values) {
+    return false;
+  }
+  const int64_t left = num_values - start;
+  // Below 2^31 each, H * W < 2^62 cannot overflow. Only larger levels pay for the division: the CUDA kernels assert
+  // this in every thread for every level, and 64-bit division is an emulated routine on the GPU.
+  constexpr int64_t kExactProduct = int64_t{1} << 31;
+  return height < kExactProduct && width < kExactProduct ? height * width <= left : height <= left / width;
 }
 
 // The backward op's extra argument, checked after the inputs (C++ only: autograd makes grad_output itself):
