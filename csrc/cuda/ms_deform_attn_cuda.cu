@@ -37,7 +37,7 @@ struct DeviceInputs {
 // The host does not read spatial_shapes on CUDA (that would cost a sync per call), so a level that does not fit
 // in value is caught here, the way PyTorch's own indexing kernels catch bad indices.
 __device__ inline void check_level(int64_t start, int64_t height, int64_t width, int64_t num_values) {
-  CUDA_KERNEL_ASSERT_MSG(height > 0 && width > 0 && start >= 0 && start + height * width <= num_values,
+  CUDA_KERNEL_ASSERT_MSG(msda_level_fits(start, height, width, num_values),
                          "ms_deform_attn: spatial_shapes / level_start_index do not fit value");
 }
 
