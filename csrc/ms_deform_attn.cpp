@@ -12,12 +12,11 @@
 
 namespace sparse_detr {
 
-namespace {
-
-// Dtypes as Python prints them ("torch.float64"), so that both sides of the specification word them alike.
-std::string dtype_name(at::ScalarType dtype) {
+std::string msda_dtype_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
+
+namespace {
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == rank, "ms_deform_attn: ", name, " must be ", layout, " (", rank, " dims), got shape ",
@@ -48,16 +47,17 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
 
   // 2. Dtypes.
   const auto dtype = value.scalar_type();
-  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "ms_deform_attn: value must be floating point, got ", dtype_name(dtype));
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "ms_deform_attn: value must be floating point, got ",
+                   msda_dtype_name(dtype));
   for (const auto& [t, name] : {std::pair{&sampling_locations, "sampling_locations"},
                                 std::pair{&attention_weights, "attention_weights"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dtype, "ms_deform_attn: ", name, " has dtype ", dtype_name(t->scalar_type()),
-                     " but value has ", dtype_name(dtype));
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, "ms_deform_attn: ", name, " has dtype ",
+                     msda_dtype_name(t->scalar_type()), " but value has ", msda_dtype_name(dtype));
   }
   for (const auto& [t, name] : {std::pair{&spatial_shapes, "spatial_shapes"},
                                 std::pair{&level_start_index, "level_start_index"}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, "ms_deform_attn: ", name, " must be torch.int64, got ",
-                     dtype_name(t->scalar_type()));
+                     msda_dtype_name(t->scalar_type()));
   }
 
   // 3. Devices.
@@ -124,7 +124,7 @@ void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::T
                     "ms_deform_attn_backward: grad_output must be [N, Lq, M * D] = [", sizes.batch, ", ",
                     sizes.num_queries, ", ", sizes.num_heads * sizes.head_dim, "], got ", grad_output.sizes());
   TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output has dtype ",
-                   dtype_name(grad_output.scalar_type()), " but value has ", dtype_name(value.scalar_type()));
+                   msda_dtype_name(grad_output.scalar_type()), " but value has ", msda_dtype_name(value.scalar_type()));
   TORCH_CHECK_VALUE(grad_output.device() == value.device(), "ms_deform_attn_backward: grad_output is on ",
                     grad_output.device(), " but value is on ", value.device());
 }

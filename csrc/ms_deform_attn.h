@@ -77,6 +77,9 @@ C10_HOST_DEVICE inline bool msda_level_fits(int64_t start, int64_t height, int64
 
 // The backward op's extra argument, checked after the inputs (C++ only: autograd makes grad_output itself):
 // grad_output is [N, Lq, M * D] (ValueError), of value's dtype (TypeError) and on value's device (ValueError).
+// A dtype as Python prints it ("torch.float64"), so that the C++ and Python checks word it alike.
+std::string msda_dtype_name(at::ScalarType dtype);
+
 void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
                                       const MSDeformAttnSizes& sizes);
 

@@ -340,10 +340,11 @@ def test_backward_op_checks_grad_output(grad_output: Tensor, exc: type, message:
 
 
 @requires_op
-def test_cpu_rejects_half():
-    with pytest.raises(TypeError, match="CPU kernel supports"):
-        ms_deform_attn(*_bad(value=torch.Tensor.half, sampling_locations=torch.Tensor.half,
-                             attention_weights=torch.Tensor.half))
+def test_cpu_rejects_half_alike_on_both_paths():
+    args = _bad(value=torch.Tensor.half, sampling_locations=torch.Tensor.half, attention_weights=torch.Tensor.half)
+    message = "ms_deform_attn: value has dtype torch.float16; the CPU kernel supports torch.float32, torch.float64"
+    assert _raised(ms_deform_attn, *args) == (TypeError, message)
+    assert _raised(torch.ops.sparse_detr.ms_deform_attn, *args) == (TypeError, message)
 
 
 @requires_op
