@@ -258,7 +258,7 @@ class DeformableTransformer(nn.Module):
         rho = self.rho if self.training else self.inference_rho
         proposals = proposal_valid = None
         if self.two_stage or enc_aux:
-            # the anchors depend on the masks only: computed once for the scoring net, aux heads and two-stage
+            # the anchors depend on the masks only: computed once for the scoring network, aux heads and two-stage
             proposals, proposal_valid = encoder_output_proposals(padding_mask, levels.shapes)
 
         selection = None
