@@ -9,49 +9,31 @@
 Multi-node: add ``--num-machines N --machine-rank R --dist-url tcp://<ip of rank 0>:<port>``. Without CUDA,
 ``--num-gpus N`` starts N CPU processes that talk over gloo.
 """
+import argparse
 import logging
 import os
+from typing import Any, Dict, Optional
 
-# OpenMP threads that spin while they wait stall each other when the cores are shared: on this 2-core machine at load
-# ~7, a ResNet-18 training step took 2-7 s with spinning waiters and 0.3-0.5 s with sleeping ones. Must be set
-# before torch loads OpenMP; an explicit OMP_WAIT_POLICY wins.
+# OpenMP threads that spin while they wait stall each other when the cores are oversubscribed (several processes, or
+# other work on the same cores), which can make a training step several times slower than with sleeping waiters.
+# Must be set before torch loads OpenMP; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import sparse_detr  # noqa: F401  registers the meta-architecture, the backbones and the synthetic datasets
-from sparse_detr import add_sparse_detr_config
+from sparse_detr import setup_cfg
 from sparse_detr.data.build import load_dataset_dicts
 from sparse_detr.engine import Trainer
 
 
-def merge_opts(cfg: CfgNode, opts) -> None:
-    """``cfg.merge_from_list(opts)`` with a KeyError for an unknown key, as ``merge_from_file`` raises; yacs only
-    asserts there, which ``python -O`` would skip."""
-    if len(opts) % 2:
-        raise ValueError(f"Command-line overrides must be KEY VALUE pairs, got an odd number: {opts}")
-    for key in opts[0::2]:
-        if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
-            continue  # yacs handles these itself
-        node = cfg
-        for part in key.split("."):
-            if not isinstance(node, CfgNode) or part not in node:
-                raise KeyError(f"Non-existent config key: {key}")
-            node = node[part]
-    cfg.merge_from_list(opts)
-
-
-def setup(args) -> CfgNode:
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)  # unknown keys raise here, before anything runs
-    merge_opts(cfg, args.opts)
-    cfg.freeze()
+def setup(args: argparse.Namespace) -> CfgNode:
+    cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     # default_setup logs "detectron2" and "fvcore"; this package's messages (dataset generation, schedule
     # rescaling, image cache) go to the same console and log file.
@@ -59,7 +41,8 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def main(args):
+def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The evaluation results with --eval-only; after training, what DefaultTrainer.train returns."""
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:

@@ -7,24 +7,30 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <string>
+#include <utility>
 
 namespace sparse_detr {
+
+std::string msda_dtype_name(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
 
 namespace {
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, "ms_deform_attn: ", name, " must be ", layout, " (", rank, " dims), got shape ",
-              t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == rank, "ms_deform_attn: ", name, " must be ", layout, " (", rank, " dims), got shape ",
+                    t.sizes());
 }
 
 void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, "ms_deform_attn: ", name, " must have ", expected, " ", what, " in dim ", dim,
-              ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(dim) == expected, "ms_deform_attn: ", name, " must have ", expected, " ", what, " in dim ",
+                    dim, ", got shape ", t.sizes());
 }
 
 }  // namespace
 
+// The rules are numbered as in the specification in ms_deform_attn.h.
 MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -32,34 +38,39 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     bool check_levels) {
+  // 1. Ranks.
   check_rank(value, "value", 4, "[N, S, M, D]");
   check_rank(spatial_shapes, "spatial_shapes", 2, "[L, 2]");
   check_rank(level_start_index, "level_start_index", 1, "[L]");
   check_rank(sampling_locations, "sampling_locations", 6, "[N, Lq, M, L, P, 2]");
   check_rank(attention_weights, "attention_weights", 5, "[N, Lq, M, L, P]");
 
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()), "ms_deform_attn: value must be floating point, got ",
-              value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: sampling_locations has dtype ", sampling_locations.scalar_type(),
-              " but value has ", value.scalar_type());
-  TORCH_CHECK(attention_weights.scalar_type() == value.scalar_type(), "ms_deform_attn: attention_weights has dtype ",
-              attention_weights.scalar_type(), " but value has ", value.scalar_type());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, "ms_deform_attn: spatial_shapes must be int64, got ",
-              spatial_shapes.scalar_type());
-  TORCH_CHECK(level_start_index.scalar_type() == at::kLong, "ms_deform_attn: level_start_index must be int64, got ",
-              level_start_index.scalar_type());
-
-  const auto device = value.device();
-  const std::pair<const at::Tensor*, const char*> others[] = {
-      {&spatial_shapes, "spatial_shapes"},
-      {&level_start_index, "level_start_index"},
-      {&sampling_locations, "sampling_locations"},
-      {&attention_weights, "attention_weights"}};
-  for (const auto& [t, name] : others) {
-    TORCH_CHECK(t->device() == device, "ms_deform_attn: ", name, " is on ", t->device(), " but value is on ", device);
+  // 2. Dtypes.
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "ms_deform_attn: value must be floating point, got ",
+                   msda_dtype_name(dtype));
+  for (const auto& [t, name] : {std::pair{&sampling_locations, "sampling_locations"},
+                                std::pair{&attention_weights, "attention_weights"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, "ms_deform_attn: ", name, " has dtype ",
+                     msda_dtype_name(t->scalar_type()), " but value has ", msda_dtype_name(dtype));
+  }
+  for (const auto& [t, name] : {std::pair{&spatial_shapes, "spatial_shapes"},
+                                std::pair{&level_start_index, "level_start_index"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, "ms_deform_attn: ", name, " must be torch.int64, got ",
+                     msda_dtype_name(t->scalar_type()));
   }
 
+  // 3. Devices.
+  const auto device = value.device();
+  for (const auto& [t, name] : {std::pair{&spatial_shapes, "spatial_shapes"},
+                                std::pair{&level_start_index, "level_start_index"},
+                                std::pair{&sampling_locations, "sampling_locations"},
+                                std::pair{&attention_weights, "attention_weights"}}) {
+    TORCH_CHECK_VALUE(t->device() == device, "ms_deform_attn: ", name, " is on ", t->device(), " but value is on ",
+                      device);
+  }
+
+  // 4. Sizes.
   MSDeformAttnSizes s;
   s.batch = value.size(0);
   s.num_values = value.size(1);
@@ -81,6 +92,7 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
   check_size(attention_weights, "attention_weights", 3, s.num_levels, "levels (L of spatial_shapes)");
   check_size(attention_weights, "attention_weights", 4, s.num_points, "points (P of sampling_locations)");
 
+  // 5. Levels.
   if (check_levels) {
     const auto shapes = spatial_shapes.contiguous();
     const auto starts = level_start_index.contiguous();
@@ -88,29 +100,33 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const int64_t* start = starts.data_ptr<int64_t>();
     int64_t total = 0;
     for (int64_t l = 0; l < s.num_levels; ++l) {
-      TORCH_CHECK(hw[2 * l] > 0 && hw[2 * l + 1] > 0, "ms_deform_attn: spatial_shapes[", l,
-                  "] must be positive (H, W), got (", hw[2 * l], ", ", hw[2 * l + 1], ")");
-      TORCH_CHECK(start[l] == total, "ms_deform_attn: level_start_index[", l, "] is ", start[l],
-                  " but spatial_shapes put level ", l, " at ", total);
-      total += hw[2 * l] * hw[2 * l + 1];
+      const int64_t height = hw[2 * l], width = hw[2 * l + 1];
+      TORCH_CHECK_VALUE(height > 0 && width > 0, "ms_deform_attn: spatial_shapes[", l,
+                        "] must be positive (H, W), got (", height, ", ", width, ")");
+      TORCH_CHECK_VALUE(start[l] == total, "ms_deform_attn: level_start_index[", l, "] is ", start[l],
+                        " but spatial_shapes put level ", l, " at ", total);
+      TORCH_CHECK_VALUE(msda_level_fits(total, height, width, s.num_values), "ms_deform_attn: spatial_shapes[", l,
+                        "] = (", height, ", ", width, ") does not fit in value: level ", l, " starts at ", total,
+                        " of S = ", s.num_values);
+      total += height * width;  // at most S, by the check above
     }
-    TORCH_CHECK(total == s.num_values, "ms_deform_attn: spatial_shapes add up to ", total,
-                " positions but value has S = ", s.num_values);
+    TORCH_CHECK_VALUE(total == s.num_values, "ms_deform_attn: spatial_shapes add up to ", total,
+                      " positions but value has S = ", s.num_values);
   }
   return s;
 }
 
 void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
                                       const MSDeformAttnSizes& sizes) {
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sizes.batch &&
-                  grad_output.size(1) == sizes.num_queries &&
-                  grad_output.size(2) == sizes.num_heads * sizes.head_dim,
-              "ms_deform_attn_backward: grad_output must be [N, Lq, M * D] = [", sizes.batch, ", ", sizes.num_queries,
-              ", ", sizes.num_heads * sizes.head_dim, "], got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output has dtype ",
-              grad_output.scalar_type(), " but value has ", value.scalar_type());
-  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn_backward: grad_output is on ",
-              grad_output.device(), " but value is on ", value.device());
+  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == sizes.batch &&
+                        grad_output.size(1) == sizes.num_queries &&
+                        grad_output.size(2) == sizes.num_heads * sizes.head_dim,
+                    "ms_deform_attn_backward: grad_output must be [N, Lq, M * D] = [", sizes.batch, ", ",
+                    sizes.num_queries, ", ", sizes.num_heads * sizes.head_dim, "], got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn_backward: grad_output has dtype ",
+                   msda_dtype_name(grad_output.scalar_type()), " but value has ", msda_dtype_name(value.scalar_type()));
+  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "ms_deform_attn_backward: grad_output is on ",
+                    grad_output.device(), " but value is on ", value.device());
 }
 
 TORCH_LIBRARY(sparse_detr, m) {

@@ -4,6 +4,6 @@ Importing this package registers the `SparseDETR` meta-architecture and the back
 and the synthetic datasets in its catalogs.
 """
 from . import data, modeling  # data: registers the synthetic datasets (their class names, for every tool)
-from .config import add_sparse_detr_config
+from .config import add_sparse_detr_config, setup_cfg
 
 __version__ = "0.1.0"

@@ -1,10 +1,82 @@
-"""Config keys of this project, added to a detectron2 `CfgNode` by :func:`add_sparse_detr_config`.
+"""Config keys of this project, added to a detectron2 `CfgNode` by :func:`add_sparse_detr_config`, and
+:func:`setup_cfg`, which every tool builds its config with.
 
 Every key has the reference implementation's default (kakaobrain/sparse-detr, `main.py`), so the base config is
 plain Deformable DETR and each paper row switches on what it needs. YACS rejects keys that are not defined here;
 that check is kept on so a typo in a config file is an error, not a silently ignored option.
 """
+import logging
+from typing import Sequence, Set
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_sparse_detr_config", "merge_opts", "resolve_device", "setup_cfg"]
+
+logger = logging.getLogger(__name__)
+
+# Requested devices already warned about: a tool that loads several configs (the benchmark) says it once.
+_warned_devices: Set[str] = set()
+
+
+def setup_cfg(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True) -> CN:
+    """The config of a tool: detectron2's defaults, this project's keys, ``config_file``, then the command line's
+    ``KEY VALUE`` overrides ``opts``, with :func:`resolve_device` applied.
+
+    Raises:
+        KeyError: naming a key of ``config_file`` or ``opts`` that no config defines.
+        ValueError: for an odd number of ``opts``.
+    """
+    cfg = get_cfg()
+    add_sparse_detr_config(cfg)
+    cfg.merge_from_file(config_file)  # unknown keys raise here, before anything runs
+    merge_opts(cfg, opts)
+    cfg = resolve_device(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def merge_opts(cfg: CN, opts: Sequence[str]) -> None:
+    """``cfg.merge_from_list(opts)`` with a KeyError for an unknown key, as ``merge_from_file`` raises; yacs only
+    asserts there, which ``python -O`` would skip."""
+    if len(opts) % 2:
+        raise ValueError(f"Command-line overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+    for key in opts[0::2]:
+        if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+            continue  # yacs handles these itself
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CN) or part not in node:
+                raise KeyError(f"Non-existent config key: {key}")
+            node = node[part]
+    cfg.merge_from_list(list(opts))
+
+
+def resolve_device(cfg: CN) -> CN:
+    """The device policy of every tool: ``MODEL.DEVICE`` asking for CUDA on a machine without a GPU runs on the CPU,
+    with a warning naming the key (once per process and device).
+
+    Returns:
+        ``cfg`` itself when it can run as it is, else a copy (frozen if ``cfg`` was) with ``MODEL.DEVICE`` "cpu".
+    """
+    device = cfg.MODEL.DEVICE
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return cfg
+    if device not in _warned_devices:
+        _warned_devices.add(device)
+        logger.warning(
+            f"MODEL.DEVICE is {device!r} but no GPU is available: running on the CPU "
+            "(set MODEL.DEVICE cpu to silence this)"
+        )
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    if frozen:
+        cfg.freeze()
+    return cfg
 
 
 def add_sparse_detr_config(cfg: CN) -> None:
@@ -16,9 +88,8 @@ def add_sparse_detr_config(cfg: CN) -> None:
 
 
 def _add_model_config(cfg: CN) -> None:
-    _C = cfg
-    _C.MODEL.SPARSE_DETR = CN()
-    S = _C.MODEL.SPARSE_DETR
+    cfg.MODEL.SPARSE_DETR = CN()
+    S = cfg.MODEL.SPARSE_DETR
     # 80 for detectron2's contiguous COCO ids; the reference checkpoints use 91 (see the converter).
     S.NUM_CLASSES = 80
     # Backbone features fed to the transformer (strides 8, 16, 32); extra levels come from stride-2 convs.
@@ -62,9 +133,8 @@ def _add_model_config(cfg: CN) -> None:
 
 
 def _add_swin_config(cfg: CN) -> None:
-    _C = cfg
-    _C.MODEL.SWIN = CN()
-    W = _C.MODEL.SWIN
+    cfg.MODEL.SWIN = CN()
+    W = cfg.MODEL.SWIN
     # Any timm Swin name (MODEL.BACKBONE.NAME "build_swin_backbone"); the weights come from WEIGHTS, never from a
     # hub download.
     W.NAME = "swin_tiny_patch4_window7_224"
@@ -80,26 +150,24 @@ def _add_swin_config(cfg: CN) -> None:
 
 
 def _add_solver_config(cfg: CN) -> None:
-    _C = cfg
     # "ADAMW" (the reference's) or "SGD" (its --sgd, with SOLVER.MOMENTUM).
-    _C.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Parameters whose name contains one of these (and none of LINEAR_PROJ_NAMES) get
     # BASE_LR * BACKBONE_MULTIPLIER (2e-5 in the paper); the reference's --lr_backbone_names.
-    _C.SOLVER.BACKBONE_NAMES = ["backbone."]
-    _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.BACKBONE_NAMES = ["backbone."]
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Parameters whose name contains one of these get BASE_LR * LINEAR_PROJ_MULTIPLIER, backbone or not.
-    _C.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
-    _C.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_NAMES = ["reference_points", "sampling_offsets"]
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
     # The total batch size that MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD are written
     # for. With another IMS_PER_BATCH they are rescaled to keep the number of epochs; BASE_LR is kept, as the
     # reference does (sparse_detr.engine.scale_schedule_to_batch_size). 0 = use the counts as written.
-    _C.SOLVER.REFERENCE_BATCH_SIZE = 0
+    cfg.SOLVER.REFERENCE_BATCH_SIZE = 0
 
 
 def _add_data_config(cfg: CN) -> None:
-    _C = cfg
     # Keep the training images' file contents in memory (the reference's --cache_mode; see
     # sparse_detr.data.image_cache for why encoded bytes and not decoded pixels).
-    _C.DATALOADER.CACHE_IMAGES = False
+    cfg.DATALOADER.CACHE_IMAGES = False
     # Shorter-side sizes of the resize before the random crop (the reference's RandomResize([400, 500, 600])).
-    _C.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
+    cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)

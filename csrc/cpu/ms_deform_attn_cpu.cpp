@@ -308,8 +308,10 @@ void backward_kernel(const Inputs<scalar_t>& in,
 }
 
 void check_cpu_dtype(const at::Tensor& value) {
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn: the CPU kernel supports float32 and float64, got value of dtype ", value.scalar_type());
+  // the same words as the Python check in ms_deform_attn()
+  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+                   "ms_deform_attn: value has dtype ", msda_dtype_name(value.scalar_type()),
+                   "; the CPU kernel supports torch.float32, torch.float64");
 }
 
 template <typename scalar_t>

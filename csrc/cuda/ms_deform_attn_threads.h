@@ -43,7 +43,7 @@ struct KernelInputs {
 // The host does not read spatial_shapes on CUDA (that would cost a sync per call), so a level that does not fit
 // in value is caught here, the way PyTorch's own indexing kernels catch bad indices.
 MSDA_HOST_DEVICE inline void check_level(int64_t start, int64_t height, int64_t width, int64_t num_values) {
-  CUDA_KERNEL_ASSERT_MSG(height > 0 && width > 0 && start >= 0 && start + height * width <= num_values,
+  CUDA_KERNEL_ASSERT_MSG(msda_level_fits(start, height, width, num_values),
                          "ms_deform_attn: spatial_shapes / level_start_index do not fit value");
 }
 
@@ -160,18 +160,36 @@ inline int backward_group_size(int64_t head_dim) {
   return group;
 }
 
+// The op's tensor arguments, checked (check_ms_deform_attn_inputs) and made contiguous.
+struct ContiguousInputs {
+  MSDeformAttnSizes sizes;
+  at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
+};
+
+inline ContiguousInputs checked_contiguous_inputs(const at::Tensor& value,
+                                                  const at::Tensor& spatial_shapes,
+                                                  const at::Tensor& level_start_index,
+                                                  const at::Tensor& sampling_locations,
+                                                  const at::Tensor& attention_weights,
+                                                  bool check_levels) {
+  // A braced list is evaluated in order: the checks come first.
+  return {check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights, check_levels),
+          value.contiguous(),
+          spatial_shapes.contiguous(),
+          level_start_index.contiguous(),
+          sampling_locations.contiguous(),
+          attention_weights.contiguous()};
+}
+
 template <typename scalar_t>
-KernelInputs<scalar_t> make_kernel_inputs(const at::Tensor& value,
-                                          const at::Tensor& spatial_shapes,
-                                          const at::Tensor& level_start_index,
-                                          const at::Tensor& sampling_locations,
-                                          const at::Tensor& attention_weights,
-                                          const MSDeformAttnSizes& s) {
-  return {value.data_ptr<scalar_t>(),
-          spatial_shapes.data_ptr<int64_t>(),
-          level_start_index.data_ptr<int64_t>(),
-          sampling_locations.data_ptr<scalar_t>(),
-          attention_weights.data_ptr<scalar_t>(),
+KernelInputs<scalar_t> make_kernel_inputs(const ContiguousInputs& in) {
+  const auto& s = in.sizes;
+  return {in.value.data_ptr<scalar_t>(),
+          in.spatial_shapes.data_ptr<int64_t>(),
+          in.level_start_index.data_ptr<int64_t>(),
+          in.sampling_locations.data_ptr<scalar_t>(),
+          in.attention_weights.data_ptr<scalar_t>(),
           s.batch,
           s.num_values,
           s.num_heads,
@@ -185,30 +203,23 @@ KernelInputs<scalar_t> make_kernel_inputs(const at::Tensor& value,
 // float64). `launch.template forward<scalar_t>(inputs, output, total)` runs forward_thread for every thread index
 // of blocks_for(total) blocks. `check_levels`: see check_ms_deform_attn_inputs.
 template <typename Launch>
-at::Tensor ms_deform_attn_forward_launch(const at::Tensor& value_,
-                                         const at::Tensor& spatial_shapes_,
-                                         const at::Tensor& level_start_index_,
-                                         const at::Tensor& sampling_locations_,
-                                         const at::Tensor& attention_weights_,
+at::Tensor ms_deform_attn_forward_launch(const at::Tensor& value,
+                                         const at::Tensor& spatial_shapes,
+                                         const at::Tensor& level_start_index,
+                                         const at::Tensor& sampling_locations,
+                                         const at::Tensor& attention_weights,
                                          bool check_levels,
                                          const Launch& launch) {
-  const auto s = check_ms_deform_attn_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_,
-                                             attention_weights_, check_levels);
-  const auto value = value_.contiguous();
-  const auto spatial_shapes = spatial_shapes_.contiguous();
-  const auto level_start_index = level_start_index_.contiguous();
-  const auto sampling_locations = sampling_locations_.contiguous();
-  const auto attention_weights = attention_weights_.contiguous();
-  auto output = at::empty({s.batch, s.num_queries, s.num_heads * s.head_dim}, value.options());
+  const auto in = checked_contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                            attention_weights, check_levels);
+  const auto& s = in.sizes;
+  auto output = at::empty({s.batch, s.num_queries, s.num_heads * s.head_dim}, in.value.options());
   const int64_t total = output.numel();
   if (total == 0) {
     return output;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward", [&] {
-    launch.template forward<scalar_t>(
-        make_kernel_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                                     s),
-        output.data_ptr<scalar_t>(), total);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward", [&] {
+    launch.template forward<scalar_t>(make_kernel_inputs<scalar_t>(in), output.data_ptr<scalar_t>(), total);
   });
   return output;
 }
@@ -218,54 +229,49 @@ at::Tensor ms_deform_attn_forward_launch(const at::Tensor& value_,
 // blocks_for(num_groups * kGroup) blocks.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_launch(const at::Tensor& grad_output_,
-                                                                             const at::Tensor& value_,
-                                                                             const at::Tensor& spatial_shapes_,
-                                                                             const at::Tensor& level_start_index_,
-                                                                             const at::Tensor& sampling_locations_,
-                                                                             const at::Tensor& attention_weights_,
+                                                                             const at::Tensor& value,
+                                                                             const at::Tensor& spatial_shapes,
+                                                                             const at::Tensor& level_start_index,
+                                                                             const at::Tensor& sampling_locations,
+                                                                             const at::Tensor& attention_weights,
                                                                              bool check_levels,
                                                                              const Launch& launch) {
-  const auto s = check_ms_deform_attn_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_,
-                                             attention_weights_, check_levels);
-  check_ms_deform_attn_grad_output(grad_output_, value_, s);
+  const auto in = checked_contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                                            attention_weights, check_levels);
+  const auto& s = in.sizes;
+  check_ms_deform_attn_grad_output(grad_output_, value, s);
   const auto grad_output = grad_output_.contiguous();
-  const auto value = value_.contiguous();
-  const auto spatial_shapes = spatial_shapes_.contiguous();
-  const auto level_start_index = level_start_index_.contiguous();
-  const auto sampling_locations = sampling_locations_.contiguous();
-  const auto attention_weights = attention_weights_.contiguous();
 
   // float16/bfloat16 values get their gradient accumulated in a float32 buffer, cast once at the end.
-  const auto acc_type = at::toOpMathType(value.scalar_type());
-  auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  const auto acc_type = at::toOpMathType(in.value.scalar_type());
+  auto grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
   // Every entry of these two is written by the kernel.
-  auto grad_sampling_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  auto grad_sampling_locations = at::empty(in.sampling_locations.sizes(), in.sampling_locations.options());
+  auto grad_attention_weights = at::empty(in.attention_weights.sizes(), in.attention_weights.options());
 
   const int64_t num_groups = s.batch * s.num_queries * s.num_heads;
   if (num_groups > 0 && s.head_dim > 0 && s.num_levels * s.num_points > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto in = make_kernel_inputs<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations,
-                                                   attention_weights, s);
+      const auto inputs = make_kernel_inputs<scalar_t>(in);
       const scalar_t* go = grad_output.data_ptr<scalar_t>();
       acc_t* gv = grad_value_acc.data_ptr<acc_t>();
       scalar_t* gl = grad_sampling_locations.data_ptr<scalar_t>();
       scalar_t* ga = grad_attention_weights.data_ptr<scalar_t>();
       switch (backward_group_size(s.head_dim)) {
-        case 1: launch.template backward<scalar_t, 1>(in, go, gv, gl, ga, num_groups); break;
-        case 2: launch.template backward<scalar_t, 2>(in, go, gv, gl, ga, num_groups); break;
-        case 4: launch.template backward<scalar_t, 4>(in, go, gv, gl, ga, num_groups); break;
-        case 8: launch.template backward<scalar_t, 8>(in, go, gv, gl, ga, num_groups); break;
-        case 16: launch.template backward<scalar_t, 16>(in, go, gv, gl, ga, num_groups); break;
-        default: launch.template backward<scalar_t, 32>(in, go, gv, gl, ga, num_groups); break;
+        case 1: launch.template backward<scalar_t, 1>(inputs, go, gv, gl, ga, num_groups); break;
+        case 2: launch.template backward<scalar_t, 2>(inputs, go, gv, gl, ga, num_groups); break;
+        case 4: launch.template backward<scalar_t, 4>(inputs, go, gv, gl, ga, num_groups); break;
+        case 8: launch.template backward<scalar_t, 8>(inputs, go, gv, gl, ga, num_groups); break;
+        case 16: launch.template backward<scalar_t, 16>(inputs, go, gv, gl, ga, num_groups); break;
+        default: launch.template backward<scalar_t, 32>(inputs, go, gv, gl, ga, num_groups); break;
       }
     });
   } else {
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
   }
-  return {grad_value_acc.to(value.scalar_type()), grad_sampling_locations, grad_attention_weights};
+  return {grad_value_acc.to(in.value.scalar_type()), grad_sampling_locations, grad_attention_weights};
 }
 
 }  // namespace sparse_detr

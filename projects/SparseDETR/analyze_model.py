@@ -1,10 +1,8 @@
 #!/usr/bin/env python
 """FLOPs and parameters of a SparseDETR model, in the manner of detectron2's tools/analyze_model.py.
 
-FLOPs are counted with fvcore as the paper counts them (the reference's `util/benchmark.py`): one fused
-multiply-add is one FLOP, elementwise ops are not counted, and the deformable attention op counts as fvcore counts
-the reference's grid_sample path (see sparse_detr/utils/flop_count.py). Both the count of this model's inference
-path and the count with the heads that only training uses (which the reference also runs at inference) are shown.
+FLOPs are counted as the paper counts them, with and without the heads that only training uses (the reference
+runs them at inference too); how: sparse_detr/utils/analysis_tables.py.
 
 Examples:
   # the paper's protocol: one random 850x1040 input, 91 classes as the reference
@@ -13,145 +11,21 @@ Examples:
   # mean over the first 100 images of DATASETS.TEST[0], through the test mapper
   python projects/SparseDETR/analyze_model.py --tasks flop -n 100 --config-file configs/r50/sparse_detr_rho_0.1.yaml
 """
-import logging
-from collections import Counter, OrderedDict
-from typing import Any, Dict, Iterable, List
+import argparse
+from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-from tabulate import tabulate
-from torch import nn
 
-from sparse_detr import add_sparse_detr_config
-from sparse_detr.data.build import build_detr_test_loader
-from sparse_detr.utils.analysis import (
-    flop_breakdown,
-    num_kept_tokens,
-    parameter_breakdown,
-    random_input,
-    training_only_head_flops,
-)
-from sparse_detr.utils.flop_count import FlopCountAnalysis
+from sparse_detr import setup_cfg
+from sparse_detr.utils.analysis_tables import analyze_flops, analyze_parameters, analyze_structure
 
-logger = logging.getLogger("detectron2")
+TASKS = ("flop", "parameter", "structure")
 
 
-def setup(args) -> CfgNode:
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.merge_from_list(args.opts)
-    setup_logger(name="fvcore")
-    setup_logger()
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # counts do not depend on the device
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but no GPU is available: counting on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
-def build_eval_model(cfg: CfgNode) -> nn.Module:
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
-
-
-def flop_inputs(cfg: CfgNode, args) -> Iterable[List[Dict[str, Any]]]:
-    """One random input of --input-size (--approximate), else the first --num-inputs test images."""
-    if args.approximate:
-        return [[random_input(*args.input_size)]]
-    if not cfg.DATASETS.TEST:
-        raise ValueError("--tasks flop without --approximate needs a dataset in DATASETS.TEST")
-    loader = build_detr_test_loader(cfg, cfg.DATASETS.TEST[0])
-    return (batch for _, batch in zip(range(args.num_inputs), loader))
-
-
-def _giga(x: float) -> str:
-    return f"{x / 1e9:.2f}"
-
-
-@torch.no_grad()
-def do_flop(cfg: CfgNode, args) -> Dict[str, float]:
-    """Logs the per-part and per-operator tables; returns the mean totals in GFLOPs."""
-    model = build_eval_model(cfg)
-    parts: Counter = Counter()
-    operators: Counter = Counter()
-    totals, with_heads, sizes = [], [], []
-    extra_sum: Counter = Counter()
-    for idx, inputs in enumerate(flop_inputs(cfg, args)):
-        flops = FlopCountAnalysis(model, inputs)
-        if idx > 0:
-            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        breakdown = flop_breakdown(model, flops)
-        extra = training_only_head_flops(model, num_kept_tokens(model, inputs))
-        parts.update(breakdown)
-        operators.update(flops.by_operator())
-        extra_sum.update(extra)
-        totals.append(breakdown["total"])
-        with_heads.append(breakdown["total"] + sum(extra.values()))
-        sizes.append(tuple(inputs[0]["image"].shape[-2:]))
-    n = len(totals)
-    if n == 0:
-        raise ValueError(f"no input: DATASETS.TEST[0] ({cfg.DATASETS.TEST[0]}) is empty or --num-inputs is 0")
-
-    where = (
-        f"one random {sizes[0][0]}x{sizes[0][1]} input"
-        if args.approximate
-        else f"mean over the first {n} images of {cfg.DATASETS.TEST[0]} (mean size "
-        f"{np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f})"
-    )
-    # the encoder aux heads do not run at inference: they are added below
-    rows = [(part, _giga(v / n)) for part, v in parts.items() if part not in ("total", "encoder aux heads")]
-    rows.append(("total (this model's inference)", _giga(np.mean(totals))))
-    for name, v in extra_sum.items():
-        rows.append((f"+ {name} (training only)", _giga(v / n)))
-    label = "total with the training-only heads (the reference runs them at inference)"
-    rows.append((label, _giga(np.mean(with_heads))))
-    logger.info(f"GFLOPs by part, {where}:\n" + tabulate(rows, headers=["part", "GFLOPs"], tablefmt="pipe"))
-    ops = sorted(((k, v / n) for k, v in operators.items()), key=lambda kv: -kv[1])
-    table = tabulate([(k, _giga(v)) for k, v in ops], headers=["operator", "GFLOPs"], tablefmt="pipe")
-    logger.info("GFLOPs by operator:\n" + table)
-    result = {"gflops": float(np.mean(totals)) / 1e9, "gflops_with_training_heads": float(np.mean(with_heads)) / 1e9}
-    if n > 1:
-        logger.info(f"Total GFLOPs: {result['gflops']:.2f} ± {np.std(totals) / 1e9:.2f}")
-    return result
-
-
-def do_parameter(cfg: CfgNode, args) -> Dict[str, int]:
-    """Logs trainable (requires_grad) and all parameters per part; returns the two totals."""
-    model = build_model(cfg)
-    trainable = parameter_breakdown(model, trainable_only=True)
-    everything = parameter_breakdown(model, trainable_only=False)
-    rows = [(part, f"{trainable[part]:,}", f"{everything[part]:,}") for part in trainable]
-    aux = trainable.get("encoder aux heads", 0)
-    if aux:
-        rows.append(("total without the encoder aux heads", f"{trainable['total'] - aux:,}",
-                     f"{everything['total'] - everything['encoder aux heads']:,}"))
-    logger.info(
-        f"Parameters ({cfg.MODEL.SPARSE_DETR.NUM_CLASSES} classes):\n"
-        + tabulate(rows, headers=["part", "trainable", "all"], tablefmt="pipe")
-    )
-    return OrderedDict(trainable=trainable["total"], all=everything["total"])
-
-
-def do_structure(cfg: CfgNode, args) -> None:
-    logger.info("Model Structure:\n" + str(build_model(cfg)))
-
-
-TASKS = OrderedDict(flop=do_flop, parameter=do_parameter, structure=do_structure)
-
-
-def get_parser():
+def get_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(epilog=__doc__)
-    parser.add_argument("--tasks", choices=list(TASKS), required=True, nargs="+")
+    parser.add_argument("--tasks", choices=TASKS, required=True, nargs="+")
     parser.add_argument(
         "-n", "--num-inputs", default=100, type=int,
         help="images of DATASETS.TEST[0] averaged over (FLOPs depend on the image size)",
@@ -164,12 +38,20 @@ def get_parser():
     return parser
 
 
-def main(argv=None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = get_parser().parse_args(argv)
     if args.eval_only or args.num_gpus != 1:
         raise ValueError("analyze_model.py runs in one process: --eval-only and --num-gpus do not apply")
-    cfg = setup(args)
-    return {task: TASKS[task](cfg, args) for task in args.tasks}
+    for name in ("fvcore", "detectron2", "sparse_detr"):
+        setup_logger(name=name)
+    # images are loaded in this process: counting their FLOPs, not loading them, takes the time
+    cfg = setup_cfg(args.config_file, ["DATALOADER.NUM_WORKERS", "0", *args.opts])
+    run = {
+        "flop": lambda: analyze_flops(cfg, args.approximate, args.input_size, args.num_inputs),
+        "parameter": lambda: analyze_parameters(cfg),
+        "structure": lambda: analyze_structure(cfg),
+    }
+    return {task: run[task]() for task in args.tasks}
 
 
 if __name__ == "__main__":

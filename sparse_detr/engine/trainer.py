@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import resolve_device
 from ..data.build import build_detr_test_loader, build_detr_train_loader, load_dataset_dicts
 from .ddp import create_ddp_model
 from .optimizer import build_optimizer
@@ -23,12 +24,13 @@ from .schedule import scale_schedule_to_batch_size
 __all__ = ["Trainer"]
 
 
-def check_device(cfg: CfgNode) -> None:
-    """Fail with a clear message when MODEL.DEVICE or AMP need CUDA that this machine does not have."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available; add MODEL.DEVICE cpu")
+def check_device(cfg: CfgNode) -> CfgNode:
+    """``cfg`` under the tools' device policy (:func:`sparse_detr.config.resolve_device`: CUDA without a GPU runs on
+    the CPU, with a warning); fails with a clear message when AMP needs CUDA that this machine does not have."""
+    cfg = resolve_device(cfg)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise RuntimeError("SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda (detectron2's AMPTrainer is CUDA-only)")
+    return cfg
 
 
 class Trainer(DefaultTrainer):
@@ -48,7 +50,7 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = scale_schedule_to_batch_size(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        check_device(cfg)
+        cfg = check_device(cfg)
         for name in cfg.DATASETS.TEST:
             load_dataset_dicts([name])
 
@@ -67,8 +69,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        check_device(cfg)
-        model = build_model(cfg)
+        model = build_model(check_device(cfg))
         n = sum(p.numel() for p in model.parameters())
         logging.getLogger(__name__).info(f"Model: {type(model).__name__}, {n / 1e6:.2f}M parameters")
         return model

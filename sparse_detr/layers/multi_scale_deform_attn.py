@@ -30,7 +30,10 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+            raise ValueError(
+                f"MSDeformAttn: d_model ({d_model}, MODEL.SPARSE_DETR.HIDDEN_DIM) must be divisible by n_heads "
+                f"({n_heads}, MODEL.SPARSE_DETR.NHEADS)"
+            )
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads

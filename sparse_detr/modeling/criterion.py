@@ -1,19 +1,49 @@
 """All losses of the model in one place: set-prediction losses (focal, L1, GIoU) on the decoder output, every
 decoder layer, the two-stage encoder proposals and the encoder aux heads; and the scoring network's DAM loss."""
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from .dam import attention_map_to_flat_grid, dam_correlation, dam_target
+from .deformable_decoder import DecoderOutput
+from .heads import HeadLayout
+from .levels import FlatLevels
 from .matcher import HungarianMatcher
+from .structures import Prediction, Target
+from .token_selection import TokenSelection
 
-Targets = List[Dict[str, Tensor]]
+__all__ = ["LossInputs", "SetCriterion", "build_weight_dict"]
+
 Indices = List[Tuple[Tensor, Tensor]]
+
+
+@dataclass
+class LossInputs:
+    """Everything the losses read from one training forward.
+
+    Attributes:
+        final: the last decoder layer's predictions.
+        decoder_aux: the earlier decoder layers' (aux loss), first to last; empty without it.
+        proposals: (two-stage) the proposal head on every encoder token.
+        encoder_aux: (encoder aux loss) per encoder layer but the last, on its queries.
+        selection: (Sparse DETR) the scoring network's scores and selected tokens; with it, `levels` and `decoder`
+            (whose cross-attention gives the DAM, the scoring network's target) are needed too.
+    """
+
+    final: Prediction
+    decoder_aux: List[Prediction] = field(default_factory=list)
+    proposals: Optional[Prediction] = None
+    encoder_aux: List[Prediction] = field(default_factory=list)
+    selection: Optional[TokenSelection] = None
+    levels: Optional[FlatLevels] = None
+    decoder: Optional[DecoderOutput] = None
 
 
 def build_weight_dict(
@@ -25,11 +55,11 @@ def build_weight_dict(
     aux_loss: bool,
     two_stage: bool,
     num_encoder_aux_layers: int,
-    token_selection: bool,
+    scoring_network: bool,
 ) -> Dict[str, float]:
     """Weight of every loss the criterion returns, keyed like the reference: `loss_ce`, `loss_bbox`, `loss_giou`,
     suffixed `_{i}` for decoder layer i (all but the last), `_enc` for the two-stage proposals, `_enc_{i}` for
-    encoder aux layer i; and `loss_mask_prediction`."""
+    encoder aux layer i; and `loss_mask_prediction` (the scoring network's)."""
     base = {"loss_ce": cls_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
     suffixes = [""]
     if aux_loss:
@@ -38,7 +68,7 @@ def build_weight_dict(
         suffixes.append("_enc")
     suffixes += [f"_enc_{i}" for i in range(num_encoder_aux_layers)]
     weights = {k + s: v for s in suffixes for k, v in base.items()}
-    if token_selection:
+    if scoring_network:
         weights["loss_mask_prediction"] = mask_prediction_coef
     return weights
 
@@ -61,6 +91,7 @@ class SetCriterion(nn.Module):
             of with their classes (Efficient DETR's class-specific head).
     """
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -70,47 +101,72 @@ class SetCriterion(nn.Module):
         binary_enc_targets: bool = True,
     ):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes (MODEL.SPARSE_DETR.NUM_CLASSES) must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
         self.binary_enc_targets = binary_enc_targets
 
-    def loss_labels(self, logits: Tensor, targets: Targets, indices: Indices, num_boxes: float) -> Tensor:
+    @classmethod
+    def from_config(cls, cfg):
+        S = cfg.MODEL.SPARSE_DETR
+        layout = HeadLayout.from_config(cfg)
+        weight_dict = build_weight_dict(
+            cls_loss_coef=S.CLS_LOSS_COEF,
+            bbox_loss_coef=S.BBOX_LOSS_COEF,
+            giou_loss_coef=S.GIOU_LOSS_COEF,
+            mask_prediction_coef=S.MASK_PREDICTION_COEF,
+            num_decoder_layers=layout.num_decoder_layers,
+            aux_loss=S.AUX_LOSS,
+            two_stage=layout.two_stage,
+            num_encoder_aux_layers=layout.num_encoder_aux,
+            scoring_network=S.RHO > 0,
+        )
+        return {
+            "num_classes": S.NUM_CLASSES,
+            "matcher": HungarianMatcher(cfg),
+            "weight_dict": weight_dict,
+            "focal_alpha": S.FOCAL_ALPHA,
+            "binary_enc_targets": not S.EFF_SPECIFIC_HEAD,
+        }
+
+    def loss_labels(self, logits: Tensor, targets: List[Target], indices: Indices, num_boxes: float) -> Tensor:
         """Sigmoid focal loss over all queries and classes, unmatched queries all-negative; summed over classes,
         averaged over queries, times the number of queries, over num_boxes (the reference's normalization)."""
         idx = _permutation_idx(indices)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes[idx] = torch.cat([t.labels[j] for t, (_, j) in zip(targets, indices)])
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="none")
         return loss.mean(1).sum() / num_boxes * logits.shape[1]
 
     def loss_boxes(
-        self, boxes: Tensor, targets: Targets, indices: Indices, num_boxes: float
+        self, boxes: Tensor, targets: List[Target], indices: Indices, num_boxes: float
     ) -> Tuple[Tensor, Tensor]:
         """L1 and 1 - GIoU of the matched boxes, each summed over num_boxes."""
         src = boxes[_permutation_idx(indices)]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0).to(src.dtype)
+        tgt = torch.cat([t.boxes[j] for t, (_, j) in zip(targets, indices)], dim=0).to(src.dtype)
         loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
         giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return loss_bbox, loss_giou
 
     def _set_losses(
-        self, pred: Dict[str, Tensor], targets: Targets, num_boxes: float, suffix: str
+        self, pred: Prediction, targets: List[Target], num_boxes: float, suffix: str
     ) -> Tuple[Dict[str, Tensor], Indices]:
-        indices = self.matcher(pred["pred_logits"], pred["pred_boxes"], targets)
-        loss_ce = self.loss_labels(pred["pred_logits"], targets, indices, num_boxes)
-        loss_bbox, loss_giou = self.loss_boxes(pred["pred_boxes"], targets, indices, num_boxes)
+        indices = self.matcher(pred.logits, pred.boxes, targets)
+        loss_ce = self.loss_labels(pred.logits, targets, indices, num_boxes)
+        loss_bbox, loss_giou = self.loss_boxes(pred.boxes, targets, indices, num_boxes)
         losses = {f"loss_ce{suffix}": loss_ce, f"loss_bbox{suffix}": loss_bbox, f"loss_giou{suffix}": loss_giou}
         return losses, indices
 
     @torch.no_grad()
-    def _detection_metrics(self, logits: Tensor, targets: Targets, indices: Indices) -> Dict[str, Tensor]:
+    def _detection_metrics(self, logits: Tensor, targets: List[Target], indices: Indices) -> Dict[str, Tensor]:
         """The reference's log-only figures for the last decoder layer."""
         idx = _permutation_idx(indices)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        labels = torch.cat([t.labels[j] for t, (_, j) in zip(targets, indices)])
         if labels.numel() == 0:
             accuracy = logits.new_zeros(())
         else:
@@ -118,69 +174,68 @@ class SetCriterion(nn.Module):
         # as the reference (a leftover of DETR's softmax with a no-object last class): queries whose best class
         # is not the last one, against the number of targets
         card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        card_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
+        card_tgt = torch.as_tensor([len(t.labels) for t in targets], device=logits.device, dtype=torch.float)
         return {"class_error": 100 - accuracy, "cardinality_error": F.l1_loss(card_pred, card_tgt)}
 
-    def loss_mask_prediction(self, outputs: Dict) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Multi-label soft-margin loss of the token scores against the top-rho DAM tokens, and the DAM correlation
-        of the tokens the scoring network selected (all K of them, as the reference)."""
-        scores, padding_mask = outputs["token_scores"], outputs["padding_mask"]
-        topk_inds, num_kept = outputs["topk_inds"], outputs["num_kept"]
-        num_tokens = scores.shape[1]
+    def loss_mask_prediction(
+        self, selection: TokenSelection, levels: FlatLevels, decoder: DecoderOutput
+    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Multi-label soft-margin loss of the scoring network's scores against the top-rho DAM tokens, and the DAM
+        correlation of the tokens the scoring network selected (all K of them, as the reference)."""
+        scores, padding_mask = selection.scores, levels.padding_mask
         dam = attention_map_to_flat_grid(
-            torch.stack(outputs["dec_sampling_locations"], 1),
-            torch.stack(outputs["dec_attention_weights"], 1),
-            outputs["spatial_shapes"],
-            outputs["level_start_index"],
-            num_tokens,
+            torch.stack(decoder.sampling_locations, 1),
+            torch.stack(decoder.attention_weights, 1),
+            levels.spatial_shapes,
+            levels.level_start_index,
+            scores.shape[1],
         )
-        target = dam_target(dam, padding_mask, num_kept, topk_inds.shape[1])
+        target = dam_target(dam, padding_mask, selection.num_kept, selection.indices.shape[1])
         # padded tokens get the batch minimum as in the reference, so they cost what its loss charges
         loss = F.multilabel_soft_margin_loss(scores.masked_fill(padding_mask, scores.min()), target.to(scores.dtype))
 
-        selected = torch.zeros_like(dam).scatter_(1, topk_inds, 1.0)
-        corr = dam_correlation(selected, dam, outputs["shapes"])
+        selected = torch.zeros_like(dam).scatter_(1, selection.indices, 1.0)
+        corr = dam_correlation(selected, dam, levels.shapes)
         metrics = {"corr_mask_attn_map_dec_all": corr[0]}
         metrics.update({f"corr_mask_attn_map_dec_{lvl}": c for lvl, c in enumerate(corr[1:])})
         return loss, metrics
 
-    def _num_boxes(self, targets: Targets, device: torch.device) -> float:
+    def _num_boxes(self, targets: List[Target], device: torch.device) -> float:
         """Average number of target boxes per worker, at least 1."""
-        num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        num = torch.as_tensor([float(sum(len(t.labels) for t in targets))], device=device)
         world_size = comm.get_world_size()
         if world_size > 1:
             torch.distributed.all_reduce(num)
         return torch.clamp(num / world_size, min=1).item()
 
-    def forward(self, outputs: Dict, targets: Targets) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    def forward(self, outputs: LossInputs, targets: List[Target]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """
         Args:
-            outputs: "pred_logits" [N, Q, num_classes], "pred_boxes" [N, Q, 4] (normalized cxcywh) of the last
-                decoder layer; optional "aux_outputs" (list, earlier decoder layers), "enc_outputs" (two-stage
-                proposals), "enc_aux_outputs" (list, encoder layers), each a dict with the same two keys; and for
-                the scoring network "token_scores", "padding_mask", "topk_inds", "num_kept",
-                "dec_sampling_locations", "dec_attention_weights", "spatial_shapes", "level_start_index", "shapes"
-                (see :class:`DeformableTransformer`).
-            targets: per image {"labels": [T_i] long, "boxes": [T_i, 4] normalized cxcywh}.
+            outputs: the predictions (and, for Sparse DETR, the scoring network's inputs to its loss).
+            targets: per image.
         Returns:
             losses: unweighted, keyed as in `weight_dict`.
             metrics: log-only scalars (class_error, cardinality_error, corr_mask_attn_map_dec_*).
         """
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
-        losses, indices = self._set_losses(outputs, targets, num_boxes, "")
-        metrics = self._detection_metrics(outputs["pred_logits"], targets, indices)
+        num_boxes = self._num_boxes(targets, outputs.final.logits.device)
+        losses, indices = self._set_losses(outputs.final, targets, num_boxes, "")
+        metrics = self._detection_metrics(outputs.final.logits, targets, indices)
 
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        for i, aux in enumerate(outputs.decoder_aux):
             losses.update(self._set_losses(aux, targets, num_boxes, f"_{i}")[0])
-        if "enc_outputs" in outputs:
+        if outputs.proposals is not None:
             enc_targets = targets
             if self.binary_enc_targets:
-                enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-            losses.update(self._set_losses(outputs["enc_outputs"], enc_targets, num_boxes, "_enc")[0])
-        for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):
+                enc_targets = [t._replace(labels=torch.zeros_like(t.labels)) for t in targets]
+            losses.update(self._set_losses(outputs.proposals, enc_targets, num_boxes, "_enc")[0])
+        for i, aux in enumerate(outputs.encoder_aux):
             losses.update(self._set_losses(aux, targets, num_boxes, f"_enc_{i}")[0])
-        if "token_scores" in outputs:
-            losses["loss_mask_prediction"], corr = self.loss_mask_prediction(outputs)
+        if outputs.selection is not None:
+            if outputs.levels is None or outputs.decoder is None:
+                raise ValueError("LossInputs: the scoring network's loss needs levels and decoder with selection")
+            losses["loss_mask_prediction"], corr = self.loss_mask_prediction(
+                outputs.selection, outputs.levels, outputs.decoder
+            )
             metrics.update(corr)
 
         missing = sorted(set(losses) - set(self.weight_dict))

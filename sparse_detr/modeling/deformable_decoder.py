@@ -1,13 +1,37 @@
 """Deformable decoder: query self-attention, deformable cross-attention to the encoder memory, optional iterative
 box refinement."""
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.box_ops import inverse_sigmoid
+from ..layers.box_ops import apply_box_delta
 from ..layers.multi_scale_deform_attn import MSDeformAttn
+from .levels import FlatLevels
+
+__all__ = ["DecoderOutput", "DeformableDecoderLayer", "DeformableDecoder"]
+
+
+@dataclass
+class DecoderOutput:
+    """What the decoder layers computed.
+
+    Attributes:
+        hs: [num_layers, N, Q, C] output of every layer.
+        references: per layer, the reference it got, [N, Q, 2] points or [N, Q, 4] boxes, normalized by the valid
+            image area (its box predictions are deltas on it); point references become boxes after the first
+            refinement.
+        sampling_locations: per layer [N, Q, M, L, P, 2] of its cross-attention (Sparse DETR's DAM is built from
+            them and the attention weights).
+        attention_weights: per layer [N, Q, M, L, P].
+    """
+
+    hs: Tensor
+    references: List[Tensor]
+    sampling_locations: List[Tensor]
+    attention_weights: List[Tensor]
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -97,28 +121,20 @@ class DeformableDecoder(nn.Module):
         query_pos: Tensor,
         reference_points: Tensor,
         memory: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        valid_ratios: Tensor,
-        padding_mask: Optional[Tensor],
+        levels: FlatLevels,
         bbox_heads: Optional[Sequence[nn.Module]] = None,
-    ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
+    ) -> DecoderOutput:
         """
         Args:
             tgt: [N, Q, C] initial query features.
             query_pos: [N, Q, C]
             reference_points: [N, Q, 2] points or [N, Q, 4] boxes (cxcywh), normalized by the valid image area.
             memory: [N, S, C]
-            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
-            valid_ratios: [N, L, 2] (w, h).
+            levels: the layout of the memory's tokens.
             bbox_heads: per layer, a head predicting box deltas in logit space from that layer's output; given,
                 each layer's reference becomes the refined (detached) box of the previous one.
-        Returns:
-            hs: [num_layers, N, Q, C] output of every layer.
-            references: per layer, the reference it got, [N, Q, 2 or 4] (its box predictions are deltas on it);
-                point references become boxes after the first refinement.
-            sampling_locations, attention_weights: per layer, of the cross-attention (see the layer).
         """
+        valid_ratios = levels.valid_ratios
         hs, references, sampling_locations, attention_weights = [], [], [], []
         output = tgt
         for lid, layer in enumerate(self.layers):
@@ -127,16 +143,11 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             references.append(reference_points)
-            output, locations, weights = layer(output, query_pos, ref_input, memory, spatial_shapes,
-                                               level_start_index, padding_mask)
+            output, locations, weights = layer(output, query_pos, ref_input, memory, levels.spatial_shapes,
+                                               levels.level_start_index, levels.padding_mask)
             hs.append(output)
             sampling_locations.append(locations)
             attention_weights.append(weights)
             if bbox_heads is not None:
-                delta = bbox_heads[lid](output)
-                if reference_points.shape[-1] == 4:
-                    refined = delta + inverse_sigmoid(reference_points)
-                else:
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
-                reference_points = refined.sigmoid().detach()
-        return torch.stack(hs), references, sampling_locations, attention_weights
+                reference_points = apply_box_delta(bbox_heads[lid](output), reference_points).sigmoid().detach()
+        return DecoderOutput(torch.stack(hs), references, sampling_locations, attention_weights)

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.multi_scale_deform_attn import MSDeformAttn
+from .heads import DetectionHead
+from .levels import FlatLevels
+from .structures import Prediction
+from .token_selection import TokenSelection
+
+__all__ = ["DeformableEncoderLayer", "DeformableEncoder", "gather_tokens", "scatter_sparse_tokens"]
 
 
 def gather_tokens(x: Tensor, inds: Tensor) -> Tensor:
@@ -132,63 +138,53 @@ class DeformableEncoder(nn.Module):
         self,
         src: Tensor,
         pos: Tensor,
-        shapes: Sequence[Tuple[int, int]],
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        valid_ratios: Tensor,
-        padding_mask: Tensor,
-        topk_inds: Optional[Tensor] = None,
-        num_kept: Optional[Tensor] = None,
-        aux_class_heads: Optional[Sequence[nn.Module]] = None,
-        aux_bbox_heads: Optional[Sequence[nn.Module]] = None,
+        levels: FlatLevels,
+        selection: Optional[TokenSelection] = None,
+        aux_heads: Sequence[DetectionHead] = (),
         aux_proposals: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+    ) -> Tuple[Tensor, List[Prediction]]:
         """
         Args:
             src: [N, S, C] flattened multi-level tokens.
             pos: [N, S, C] position + level embedding.
-            shapes: (H_l, W_l) of each level, as Python ints; spatial_shapes: the same as a [L, 2] long tensor.
-            level_start_index: [L] long.
-            valid_ratios: [N, L, 2] (w, h).
-            padding_mask: [N, S] bool, True on padded tokens.
-            topk_inds: [N, K] selected tokens (sparse encoder), None for the dense encoder.
-            num_kept: [N] long, how many of topk_inds[i] image i updates (needed with topk_inds).
-            aux_class_heads, aux_bbox_heads: heads applied to the queries after each layer but the last (the
-                encoder auxiliary loss); None to skip.
-            aux_proposals: [N, S, 4] unactivated anchor boxes of every token, the base of the aux box predictions.
+            levels: the layout of the tokens.
+            selection: the tokens to update (sparse encoder); None updates all of them (dense encoder).
+            aux_heads: heads applied to the queries after each layer but the last (the encoder aux loss), one per
+                such layer; empty to skip.
+            aux_proposals: [N, S, 4] unactivated anchor boxes of every token, the base of the aux box predictions
+                (needed with aux_heads).
         Returns:
             memory: [N, S, C]
-            aux_outputs: per layer but the last, (logits [N, Q, num_classes], boxes [N, Q, 4] cxcywh in [0, 1])
-                for the Q queries of that layer (the K selected tokens, or all S); empty without aux heads.
+            aux_outputs: per layer but the last, the predictions on the Q queries of that layer (the K selected
+                tokens, or all S); empty without aux heads.
         """
-        reference_points = self.get_reference_points(shapes, valid_ratios)
-        sparse = topk_inds is not None
-        if sparse:
-            if num_kept is None:
-                raise ValueError("the sparse encoder needs num_kept together with topk_inds")
+        reference_points = self.get_reference_points(levels.shapes, levels.valid_ratios)
+        if selection is not None:
+            topk_inds = selection.indices
             N, K = topk_inds.shape
             L = reference_points.shape[2]
             reference_points = gather_tokens(reference_points.flatten(2), topk_inds).view(N, K, L, 2)
             query = gather_tokens(src, topk_inds)
             query_pos = gather_tokens(pos, topk_inds)
-            kept = torch.arange(K, device=src.device)[None] < num_kept[:, None]
+            kept = selection.kept()
         else:
             query, query_pos = src, pos
-        with_aux = aux_class_heads is not None and aux_bbox_heads is not None
-        if with_aux:
+        if aux_heads:
+            if len(aux_heads) != self.num_layers - 1:
+                raise ValueError(f"aux_heads: one per encoder layer but the last ({self.num_layers - 1}), got "
+                                 f"{len(aux_heads)}")
             if aux_proposals is None:
-                raise ValueError("encoder aux heads need aux_proposals")
-            if sparse:
-                aux_proposals = gather_tokens(aux_proposals, topk_inds)
+                raise ValueError("aux_heads need aux_proposals")
+            if selection is not None:
+                aux_proposals = gather_tokens(aux_proposals, selection.indices)
 
         output = src
-        aux_outputs: List[Tuple[Tensor, Tensor]] = []
+        aux_outputs: List[Prediction] = []
         for lid, layer in enumerate(self.layers):
-            query = layer(query, query_pos, reference_points, output, spatial_shapes, level_start_index,
-                          padding_mask)
-            output = scatter_sparse_tokens(output, query, topk_inds, kept) if sparse else query
-            if with_aux and lid < self.num_layers - 1:
-                logits = aux_class_heads[lid](query)
-                boxes = (aux_proposals + aux_bbox_heads[lid](query)).sigmoid()
-                aux_outputs.append((logits, boxes))
+            query = layer(query, query_pos, reference_points, output, levels.spatial_shapes,
+                          levels.level_start_index, levels.padding_mask)
+            output = query if selection is None else scatter_sparse_tokens(output, query, selection.indices, kept)
+            if aux_heads and lid < self.num_layers - 1:
+                head = aux_heads[lid]
+                aux_outputs.append(Prediction(head.cls(query), (aux_proposals + head.box(query)).sigmoid()))
         return output, aux_outputs

@@ -1,6 +1,4 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
-import copy
-import math
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -14,27 +12,14 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from ..layers.box_ops import inverse_sigmoid
-from ..layers.mlp import MLP
 from ..layers.position_encoding import PositionEmbeddingSine
-from .criterion import SetCriterion, build_weight_dict
-from .matcher import HungarianMatcher
-from .token_selection import keep_mask
-from .transformer import DeformableTransformer
+from .criterion import LossInputs, SetCriterion
+from .heads import DetectionHeads, HeadLayout
+from .levels import valid_sizes
+from .structures import Prediction, Target
+from .transformer import DeformableTransformer, TransformerOutput
 
 __all__ = ["SparseDETR"]
-
-
-def _check_keep_ratios(rho: float, test_rho: float) -> None:
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"MODEL.SPARSE_DETR.RHO (rho) must be in [0, 1] (0 = dense encoder), got {rho}")
-    if test_rho > 1.0:
-        raise ValueError(f"MODEL.SPARSE_DETR.TEST_RHO (test_rho) must be <= 1 (<= 0 = use RHO), got {test_rho}")
-    if test_rho > 0 and rho == 0:
-        raise ValueError(
-            f"MODEL.SPARSE_DETR.TEST_RHO (test_rho={test_rho}) needs a sparse model (MODEL.SPARSE_DETR.RHO > 0): "
-            "a dense model has no scoring network"
-        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -43,12 +28,15 @@ class SparseDETR(nn.Module):
 
     The backbone maps in `in_features` go through 1x1 conv + GroupNorm; further levels (up to the transformer's
     number of levels) come from stride-2 3x3 conv + GroupNorm, the first on the last backbone map itself, the next
-    ones on the previous level. Variants are switched by the transformer (two-stage, Efficient DETR query
-    init/class-specific head, scoring network) and by the arguments below.
+    ones on the previous level. The variant is the transformer's (two-stage, Efficient DETR query init and
+    class-specific head, Sparse DETR's keeping ratio and scoring network), plus box refinement and the encoder aux
+    loss chosen here.
 
     Training returns the weighted losses (detectron2 sums every value); class error, cardinality error and the
     DAM correlation go to the current EventStorage. Inference returns `[{"instances": Instances}]` with
     `pred_boxes`, `scores` and `pred_classes` in the original image size ("height"/"width" of the input).
+
+    Errors name the argument and the config key it is read from.
     """
 
     @configurable
@@ -66,8 +54,6 @@ class SparseDETR(nn.Module):
         aux_loss: bool = True,
         with_box_refine: bool = False,
         use_enc_aux_loss: bool = False,
-        rho: float = 0.0,
-        test_rho: float = -1.0,
         num_detections: int = 100,
     ):
         """
@@ -75,7 +61,7 @@ class SparseDETR(nn.Module):
             backbone: a detectron2 backbone producing `in_features`.
             in_features: backbone outputs fed to the transformer, finest first.
             transformer: see :class:`DeformableTransformer`; its num_feature_levels >= len(in_features).
-            criterion: see :class:`SetCriterion`.
+            criterion: see :class:`SetCriterion`, for `num_classes` classes.
             num_classes: classes of the heads.
             num_queries: decoder queries (learned ones without two-stage).
             pixel_mean, pixel_std: input normalization, in the input format's channel order.
@@ -83,34 +69,32 @@ class SparseDETR(nn.Module):
             with_box_refine: independent heads per decoder layer, each refining the previous layer's boxes.
             use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last (the
                 selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
-            rho: keeping ratio of encoder tokens in training (0 = dense); > 0 needs the transformer's scoring net.
-            test_rho: keeping ratio at inference; <= 0 = rho.
             num_detections: detections kept per image (top-k over queries x classes).
         """
         super().__init__()
-        _check_keep_ratios(rho, test_rho)
-        if rho > 0 and not transformer.token_selection:
-            raise ValueError("rho > 0 needs a transformer built with token_selection=True")
-        if rho == 0 and transformer.token_selection:
-            raise ValueError("a transformer with a scoring network (token_selection=True) needs rho > 0")
         output_shape: Dict[str, ShapeSpec] = backbone.output_shape()
         missing = [f for f in in_features if f not in output_shape]
         if not in_features or missing:
             raise ValueError(
-                f"MODEL.SPARSE_DETR.IN_FEATURES {list(in_features)}: the backbone does not produce "
+                f"in_features (MODEL.SPARSE_DETR.IN_FEATURES) {list(in_features)}: the backbone does not produce "
                 f"{missing or 'an empty list'}; it produces {sorted(output_shape)}"
             )
         num_levels = transformer.num_feature_levels
         if num_levels < len(in_features):
             raise ValueError(
-                f"MODEL.SPARSE_DETR.NUM_FEATURE_LEVELS ({num_levels}) must be >= the number of "
-                f"MODEL.SPARSE_DETR.IN_FEATURES ({len(in_features)})"
+                f"the transformer's num_feature_levels (MODEL.SPARSE_DETR.NUM_FEATURE_LEVELS, {num_levels}) must "
+                f"be >= the number of in_features (MODEL.SPARSE_DETR.IN_FEATURES, {len(in_features)})"
             )
         hidden_dim = transformer.d_model
         if hidden_dim % 32 != 0:
             raise ValueError(
-                f"MODEL.SPARSE_DETR.HIDDEN_DIM ({hidden_dim}) must be divisible by 32 (GroupNorm(32) in the input "
-                "projections)"
+                f"the transformer's d_model (MODEL.SPARSE_DETR.HIDDEN_DIM, {hidden_dim}) must be divisible by 32 "
+                "(GroupNorm(32) in the input projections)"
+            )
+        if criterion.num_classes != num_classes:
+            raise ValueError(
+                f"num_classes ({num_classes}) and the criterion's num_classes ({criterion.num_classes}) differ "
+                "(both are MODEL.SPARSE_DETR.NUM_CLASSES from a config)"
             )
 
         self.backbone = backbone
@@ -122,8 +106,6 @@ class SparseDETR(nn.Module):
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
         self.use_enc_aux_loss = use_enc_aux_loss
-        self.rho = rho
-        self.test_rho = test_rho
         self.num_detections = num_detections
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -148,78 +130,26 @@ class SparseDETR(nn.Module):
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         if not transformer.two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
-        self._build_heads(hidden_dim)
 
-    def _build_heads(self, hidden_dim: int) -> None:
-        """Heads in the transformer's order: decoder layers, two-stage proposals, encoder aux layers."""
-        class_head = nn.Linear(hidden_dim, self.num_classes)
-        bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
-        prior_prob = 0.01
-        nn.init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(bbox_head.layers[-1].weight)
-        nn.init.zeros_(bbox_head.layers[-1].bias)
-
-        num_dec = self.transformer.decoder.num_layers
-        num_heads = num_dec + int(self.transformer.two_stage)
-        if self.use_enc_aux_loss:
-            num_heads += self.transformer.encoder.num_layers - 1
-        if self.with_box_refine or self.use_enc_aux_loss:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_heads))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_head) for _ in range(num_heads))
-        else:
-            # one head shared by all layers (and by the two-stage proposals)
-            self.class_embed = nn.ModuleList([class_head] * num_heads)
-            self.bbox_embed = nn.ModuleList([bbox_head] * num_heads)
-        # the first decoder layer starts from small boxes (sigmoid(-2) ~ 0.12 of the image) around its reference
-        # points; two-stage references are already boxes, so there every head starts at zero
-        if not self.transformer.two_stage:
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        self.head_layout = HeadLayout.of(
+            transformer.decoder.num_layers, transformer.two_stage, transformer.encoder.num_layers, use_enc_aux_loss
+        )
+        # independent heads where layers refine boxes or see different tokens, else one shared by all roles
+        heads = DetectionHeads.build(
+            hidden_dim, num_classes, self.head_layout, shared=not (with_box_refine or use_enc_aux_loss)
+        )
+        # registered under the reference's names, which checkpoints pin
+        self.class_embed = heads.class_embed
+        self.bbox_embed = heads.bbox_embed
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
         S = cfg.MODEL.SPARSE_DETR
-        _check_keep_ratios(S.RHO, S.TEST_RHO)
-        backbone = build_backbone(cfg)
-        transformer = DeformableTransformer(
-            d_model=S.HIDDEN_DIM,
-            nhead=S.NHEADS,
-            num_encoder_layers=S.ENC_LAYERS,
-            num_decoder_layers=S.DEC_LAYERS,
-            dim_feedforward=S.DIM_FEEDFORWARD,
-            dropout=S.DROPOUT,
-            num_feature_levels=S.NUM_FEATURE_LEVELS,
-            enc_n_points=S.ENC_N_POINTS,
-            dec_n_points=S.DEC_N_POINTS,
-            two_stage=S.TWO_STAGE,
-            num_queries=S.NUM_QUERIES,
-            eff_query_init=S.EFF_QUERY_INIT,
-            eff_specific_head=S.EFF_SPECIFIC_HEAD,
-            token_selection=S.RHO > 0,
-        )
-        matcher = HungarianMatcher(cost_class=S.SET_COST_CLASS, cost_bbox=S.SET_COST_BBOX, cost_giou=S.SET_COST_GIOU)
-        weight_dict = build_weight_dict(
-            cls_loss_coef=S.CLS_LOSS_COEF,
-            bbox_loss_coef=S.BBOX_LOSS_COEF,
-            giou_loss_coef=S.GIOU_LOSS_COEF,
-            mask_prediction_coef=S.MASK_PREDICTION_COEF,
-            num_decoder_layers=S.DEC_LAYERS,
-            aux_loss=S.AUX_LOSS,
-            two_stage=S.TWO_STAGE,
-            num_encoder_aux_layers=S.ENC_LAYERS - 1 if S.USE_ENC_AUX_LOSS else 0,
-            token_selection=S.RHO > 0,
-        )
-        criterion = SetCriterion(
-            S.NUM_CLASSES,
-            matcher,
-            weight_dict,
-            focal_alpha=S.FOCAL_ALPHA,
-            binary_enc_targets=not S.EFF_SPECIFIC_HEAD,
-        )
         return {
-            "backbone": backbone,
+            "backbone": build_backbone(cfg),
             "in_features": S.IN_FEATURES,
-            "transformer": transformer,
-            "criterion": criterion,
+            "transformer": DeformableTransformer(cfg),
+            "criterion": SetCriterion(cfg),
             "num_classes": S.NUM_CLASSES,
             "num_queries": S.NUM_QUERIES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -227,18 +157,26 @@ class SparseDETR(nn.Module):
             "aux_loss": S.AUX_LOSS,
             "with_box_refine": S.WITH_BOX_REFINE,
             "use_enc_aux_loss": S.USE_ENC_AUX_LOSS,
-            "rho": S.RHO,
-            "test_rho": S.TEST_RHO,
             "num_detections": S.NUM_DETECTIONS,
         }
 
     @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+    def heads(self) -> DetectionHeads:
+        """The detection heads by role: `.decoder`, `.proposal`, `.encoder_aux`."""
+        return DetectionHeads(self.class_embed, self.bbox_embed, self.head_layout)
+
+    @property
+    def rho(self) -> float:
+        """Sparse DETR's keeping ratio in training (the transformer's); 0 = dense encoder."""
+        return self.transformer.rho
 
     @property
     def inference_rho(self) -> float:
-        return self.test_rho if self.test_rho > 0 else self.rho
+        return self.transformer.inference_rho
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
 
     @property
     def refine_boxes(self) -> bool:
@@ -267,8 +205,8 @@ class SparseDETR(nn.Module):
         cols = torch.arange(W, device=device)[None, None, :] >= sizes[:, 1, None, None]
         return rows | cols
 
-    def prepare_targets(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, Tensor]]:
-        """Per image {"labels": [T], "boxes": [T, 4] cxcywh normalized by the image size before padding}."""
+    def prepare_targets(self, batched_inputs: List[Dict[str, Any]]) -> List[Target]:
+        """Per image its classes and its boxes as cxcywh normalized by the image size before padding."""
         targets = []
         for x in batched_inputs:
             if "instances" not in x:
@@ -277,7 +215,7 @@ class SparseDETR(nn.Module):
             h, w = instances.image_size
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale
-            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+            targets.append(Target(instances.gt_classes, boxes))
         return targets
 
     # ------------------------------------------------------------------------------------------------ model
@@ -297,7 +235,7 @@ class SparseDETR(nn.Module):
         pos = [self.position_embedding(m).to(src.dtype) for src, m in zip(srcs, masks)]
         return srcs, masks, pos
 
-    def _run_transformer(self, images: ImageList, rho: float, enc_aux: bool) -> Dict[str, Any]:
+    def _run_transformer(self, images: ImageList) -> TransformerOutput:
         srcs, masks, pos = self._multi_level_inputs(images)
         query_embed = None if self.transformer.two_stage else self.query_embed.weight
         return self.transformer(
@@ -305,26 +243,15 @@ class SparseDETR(nn.Module):
             masks,
             pos,
             query_embed,
-            self.class_embed,
-            self.bbox_embed,
-            rho=rho,
+            self.heads,
             refine_boxes=self.refine_boxes,
-            enc_aux=enc_aux,
+            enc_aux=self.training and self.use_enc_aux_loss,
         )
 
-    def _predictions(self, out: Dict[str, Any], layers: Sequence[int]) -> List[Tuple[Tensor, Tensor]]:
-        """(logits [N, Q, num_classes], boxes [N, Q, 4] cxcywh in [0, 1]) of the given decoder layers."""
-        preds = []
-        for lid in layers:
-            h = out["hs"][lid]
-            reference = inverse_sigmoid(out["references"][lid])
-            delta = self.bbox_embed[lid](h)
-            if reference.shape[-1] == 4:
-                boxes = delta + reference
-            else:
-                boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            preds.append((self.class_embed[lid](h), boxes.sigmoid()))
-        return preds
+    def _decoder_predictions(self, out: TransformerOutput, layers: Sequence[int]) -> List[Prediction]:
+        """The predictions of the given decoder layers."""
+        heads = self.heads.decoder
+        return [heads[i].predict(out.decoder.hs[i], out.decoder.references[i]) for i in layers]
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
         """
@@ -339,24 +266,19 @@ class SparseDETR(nn.Module):
             return self._inference(batched_inputs)[0]
         images = self.preprocess_image(batched_inputs)
         targets = self.prepare_targets(batched_inputs)
-        out = self._run_transformer(images, self.rho, enc_aux=self.use_enc_aux_loss)
-        num_dec = self.transformer.decoder.num_layers
-        preds = self._predictions(out, range(num_dec) if self.aux_loss else [num_dec - 1])
-        outputs: Dict[str, Any] = {"pred_logits": preds[-1][0], "pred_boxes": preds[-1][1]}
-        if self.aux_loss:
-            outputs["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in preds[:-1]]
-        if self.transformer.two_stage:
-            outputs["enc_outputs"] = {
-                "pred_logits": out["enc_outputs_class"],
-                "pred_boxes": out["enc_outputs_coord_unact"].sigmoid(),
-            }
-        if "enc_aux_outputs" in out:
-            outputs["enc_aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in out["enc_aux_outputs"]]
-        if "token_scores" in out:
-            for key in ("token_scores", "padding_mask", "topk_inds", "num_kept", "dec_sampling_locations",
-                        "dec_attention_weights", "spatial_shapes", "level_start_index", "shapes"):
-                outputs[key] = out[key]
-        losses, metrics = self.criterion(outputs, targets)
+        out = self._run_transformer(images)
+        num_dec = self.head_layout.num_decoder_layers
+        preds = self._decoder_predictions(out, range(num_dec) if self.aux_loss else [num_dec - 1])
+        inputs = LossInputs(
+            final=preds[-1],
+            decoder_aux=preds[:-1],
+            proposals=out.proposals,
+            encoder_aux=out.encoder_aux,
+            selection=out.selection,
+            levels=out.levels,
+            decoder=out.decoder,
+        )
+        losses, metrics = self.criterion(inputs, targets)
         self._log_metrics(metrics)
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items()}
 
@@ -371,10 +293,12 @@ class SparseDETR(nn.Module):
         storage.put_scalars(**dict(zip(names, values)))
 
     # ------------------------------------------------------------------------------------------------ inference
-    def _inference(self, batched_inputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Instances]], Dict[str, Any]]:
+    def _inference(
+        self, batched_inputs: List[Dict[str, Any]]
+    ) -> Tuple[List[Dict[str, Instances]], TransformerOutput]:
         images = self.preprocess_image(batched_inputs)
-        out = self._run_transformer(images, self.inference_rho, enc_aux=False)
-        logits, boxes = self._predictions(out, [self.transformer.decoder.num_layers - 1])[0]
+        out = self._run_transformer(images)
+        logits, boxes = self._decoder_predictions(out, [self.head_layout.num_decoder_layers - 1])[0]
         results = self.inference(logits, boxes, images.image_sizes)
         processed = []
         for result, x, size in zip(results, batched_inputs, images.image_sizes):
@@ -420,7 +344,7 @@ class SparseDETR(nn.Module):
                 [h_l, w_l] bool, the tokens the encoder updates at the inference keeping ratio}, cropped to the
                 image (padding removed), on the CPU.
         """
-        if not self.transformer.token_selection:
+        if not self.transformer.has_scoring_network:
             raise ValueError(
                 "inference_with_saliency needs a Sparse DETR model (MODEL.SPARSE_DETR.RHO > 0); this one has a "
                 "dense encoder and no scoring network"
@@ -428,22 +352,17 @@ class SparseDETR(nn.Module):
         if self.training:
             raise RuntimeError("inference_with_saliency runs the inference path: call model.eval() first")
         results, out = self._inference(batched_inputs)
-        scores = out["token_scores"]
-        kept = keep_mask(out["topk_inds"], out["num_kept"], scores.shape[1])
-        sizes = [h * w for h, w in out["shapes"]]
+        levels, selection = out.levels, out.selection
         saliency = [{"scores": [], "kept": []} for _ in batched_inputs]
         for (h, w), s, k, m in zip(
-            out["shapes"],
-            scores.split(sizes, 1),
-            kept.split(sizes, 1),
-            out["padding_mask"].split(sizes, 1),
+            levels.shapes,
+            levels.split(selection.scores),
+            levels.split(selection.keep_mask()),
+            levels.level_masks(),
         ):
-            m = m.view(-1, h, w)
-            valid_h = (~m[:, :, 0]).sum(1).tolist()
-            valid_w = (~m[:, 0, :]).sum(1).tolist()
             s = s.view(-1, h, w).float().cpu()
             k = k.view(-1, h, w).cpu()
-            for i, (vh, vw) in enumerate(zip(valid_h, valid_w)):
+            for i, (vh, vw) in enumerate(valid_sizes(m).tolist()):
                 saliency[i]["scores"].append(s[i, :vh, :vw])
                 saliency[i]["kept"].append(k[i, :vh, :vw])
         return results, saliency

@@ -1,23 +1,28 @@
 """The deformable transformer of Deformable DETR / Efficient DETR / Sparse DETR.
 
-It takes the projected multi-level features and returns the decoder states; in between: flattening with level
-embeddings, valid ratios, the token selection (Sparse DETR), the (sparse) encoder, the two-stage proposals from the
-encoder output with top-k query initialization (Efficient DETR), and the decoder.
-
-The detection heads are owned by the meta-architecture and passed in, in this order (the reference's):
-[decoder layer 0 .. n-1, encoder proposals (two-stage), encoder layer 0 .. m-2 (encoder aux loss)].
+It takes the projected multi-level features and returns what its parts computed (:class:`TransformerOutput`); in
+between: flattening with level embeddings, the token selection by the scoring network (Sparse DETR), the (sparse)
+encoder, the two-stage proposals from the encoder output with top-k query initialization (Efficient DETR), and the
+decoder. The detection heads are owned by the meta-architecture and passed in (:class:`DetectionHeads`).
 """
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..layers.multi_scale_deform_attn import MSDeformAttn
 from ..layers.position_encoding import sine_embedding
-from .deformable_decoder import DeformableDecoder
+from .deformable_decoder import DecoderOutput, DeformableDecoder
 from .deformable_encoder import DeformableEncoder, gather_tokens
-from .token_selection import MaskPredictor, select_top_rho_tokens
+from .heads import DetectionHeads
+from .levels import FlatLevels, valid_sizes
+from .structures import Prediction
+from .token_selection import ScoringNetwork, TokenSelection, select_top_rho_tokens
+
+__all__ = ["DeformableTransformer", "TransformerOutput", "encoder_output_proposals"]
 
 
 def encoder_output_proposals(padding_mask: Tensor, shapes: Sequence[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
@@ -36,13 +41,11 @@ def encoder_output_proposals(padding_mask: Tensor, shapes: Sequence[Tuple[int, i
     start = 0
     for lvl, (h, w) in enumerate(shapes):
         mask = padding_mask[:, start:start + h * w].view(N, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1)
-        valid_w = (~mask[:, 0, :]).sum(1)
         ys = torch.arange(h, dtype=torch.float32, device=padding_mask.device)
         xs = torch.arange(w, dtype=torch.float32, device=padding_mask.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)
-        scale = torch.stack([valid_w, valid_h], -1).view(N, 1, 1, 2)
+        scale = valid_sizes(mask).flip(-1).view(N, 1, 1, 2)
         centres = (grid[None].expand(N, -1, -1, -1) + 0.5) / scale
         sizes = torch.full_like(centres, 0.05 * 2.0 ** lvl)
         proposals.append(torch.cat((centres, sizes), -1).view(N, -1, 4))
@@ -54,35 +57,38 @@ def encoder_output_proposals(padding_mask: Tensor, shapes: Sequence[Tuple[int, i
     return proposals, valid
 
 
-def valid_ratio(mask: Tensor) -> Tensor:
-    """mask: [N, H, W] bool, True on padding -> [N, 2] (w, h) share of the map covered by the image."""
-    _, H, W = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
+@dataclass
+class TransformerOutput:
+    """What one forward of :class:`DeformableTransformer` computed.
+
+    Attributes:
+        levels: the layout of the encoder tokens.
+        decoder: the decoder's states, references and cross-attention.
+        proposals: (two-stage) the proposal head on every encoder token: logits [N, S, num_classes] and boxes
+            [N, S, 4] (anchor + delta, after the sigmoid); None otherwise.
+        selection: (Sparse DETR) the scoring network's scores and the tokens the encoder updated; None for a dense
+            encoder.
+        encoder_aux: (encoder aux loss) the predictions on the queries of every encoder layer but the last.
+    """
+
+    levels: FlatLevels
+    decoder: DecoderOutput
+    proposals: Optional[Prediction] = None
+    selection: Optional[TokenSelection] = None
+    encoder_aux: List[Prediction] = field(default_factory=list)
 
 
 class DeformableTransformer(nn.Module):
-    """
-    Args:
-        d_model: channels of the transformer.
-        nhead: attention heads.
-        num_encoder_layers, num_decoder_layers: depths.
-        dim_feedforward: FFN hidden channels.
-        dropout: dropout everywhere in the layers.
-        num_feature_levels: levels of the input.
-        enc_n_points, dec_n_points: sampling points per head and level.
-        two_stage: decoder queries come from the top-scoring encoder proposals.
-        num_queries: decoder queries; the number of proposals kept in two-stage mode.
-        eff_query_init: (two-stage) Efficient DETR: the queries' content is the proposals' encoder features, their
-            position embedding the proposals' box embedding.
-        eff_specific_head: (two-stage) score proposals by their best class instead of class 0 (a binary head).
-        token_selection: build the scoring network for the sparse encoder (Sparse DETR, needs two_stage: it
-            shares the encoder-output projection).
+    """The transformer of every variant; the variant is chosen by `two_stage`, `eff_query_init`,
+    `eff_specific_head` and `rho` (see the arguments).
+
+    Errors name the argument and the config key it is read from.
     """
 
+    @configurable
     def __init__(
         self,
+        *,
         d_model: int = 256,
         nhead: int = 8,
         num_encoder_layers: int = 6,
@@ -96,30 +102,53 @@ class DeformableTransformer(nn.Module):
         num_queries: int = 300,
         eff_query_init: bool = False,
         eff_specific_head: bool = False,
-        token_selection: bool = False,
+        rho: float = 0.0,
+        test_rho: float = -1.0,
     ):
+        """
+        Args:
+            d_model: channels of the transformer.
+            nhead: attention heads.
+            num_encoder_layers, num_decoder_layers: depths.
+            dim_feedforward: FFN hidden channels.
+            dropout: dropout everywhere in the layers.
+            num_feature_levels: levels of the input.
+            enc_n_points, dec_n_points: sampling points per head and level.
+            two_stage: decoder queries come from the top-scoring encoder proposals.
+            num_queries: decoder queries; the number of proposals kept in two-stage mode.
+            eff_query_init: (two-stage) Efficient DETR: the queries' content is the proposals' encoder features,
+                their position embedding the proposals' box embedding.
+            eff_specific_head: (two-stage) score proposals by their best class instead of class 0 (a binary head).
+            rho: Sparse DETR's keeping ratio of encoder tokens in training, in [0, 1]; 0 = dense encoder. rho > 0
+                builds the scoring network, which needs two_stage (it shares the encoder-output projection).
+            test_rho: the keeping ratio at inference, <= 1; <= 0 means rho. Needs rho > 0.
+        """
         super().__init__()
-        if d_model % nhead != 0:
-            raise ValueError(
-                f"MODEL.SPARSE_DETR.HIDDEN_DIM (d_model={d_model}) must be divisible by "
-                f"MODEL.SPARSE_DETR.NHEADS (nhead={nhead})"
-            )
         if num_encoder_layers < 1 or num_decoder_layers < 1:
             raise ValueError(
-                "MODEL.SPARSE_DETR.ENC_LAYERS and DEC_LAYERS must be >= 1, got "
-                f"{num_encoder_layers} and {num_decoder_layers}"
+                "num_encoder_layers (MODEL.SPARSE_DETR.ENC_LAYERS) and num_decoder_layers "
+                f"(MODEL.SPARSE_DETR.DEC_LAYERS) must be >= 1, got {num_encoder_layers} and {num_decoder_layers}"
             )
         if num_queries < 1:
-            raise ValueError(f"MODEL.SPARSE_DETR.NUM_QUERIES must be >= 1, got {num_queries}")
+            raise ValueError(f"num_queries (MODEL.SPARSE_DETR.NUM_QUERIES) must be >= 1, got {num_queries}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho (MODEL.SPARSE_DETR.RHO) must be in [0, 1] (0 = dense encoder), got {rho}")
+        if test_rho > 1.0:
+            raise ValueError(f"test_rho (MODEL.SPARSE_DETR.TEST_RHO) must be <= 1 (<= 0 = use RHO), got {test_rho}")
+        if test_rho > 0 and rho == 0:
+            raise ValueError(
+                f"test_rho (MODEL.SPARSE_DETR.TEST_RHO) = {test_rho} needs a sparse model (rho, "
+                "MODEL.SPARSE_DETR.RHO > 0): a dense model has no scoring network"
+            )
         for name, key, on in (
             ("eff_query_init", "EFF_QUERY_INIT", eff_query_init),
             ("eff_specific_head", "EFF_SPECIFIC_HEAD", eff_specific_head),
-            ("token_selection", "RHO > 0", token_selection),
+            ("rho > 0", "RHO > 0", rho > 0),
         ):
             if on and not two_stage:
                 raise ValueError(
-                    f"MODEL.SPARSE_DETR.{key} ({name}) needs MODEL.SPARSE_DETR.TWO_STAGE: it works on the "
-                    "encoder-output proposals"
+                    f"{name} (MODEL.SPARSE_DETR.{key}) needs two_stage (MODEL.SPARSE_DETR.TWO_STAGE): it works on "
+                    "the encoder-output proposals"
                 )
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
@@ -127,9 +156,11 @@ class DeformableTransformer(nn.Module):
         self.num_queries = num_queries
         self.eff_query_init = eff_query_init
         self.eff_specific_head = eff_specific_head
+        self.rho = rho
+        self.test_rho = test_rho
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        self.enc_mask_predictor = MaskPredictor(d_model, d_model) if token_selection else None
+        self.enc_mask_predictor = ScoringNetwork(d_model, d_model) if rho > 0 else None
         layer_kwargs = dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels,
                             n_heads=nhead)
         self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
@@ -146,6 +177,27 @@ class DeformableTransformer(nn.Module):
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
 
+    @classmethod
+    def from_config(cls, cfg):
+        S = cfg.MODEL.SPARSE_DETR
+        return {
+            "d_model": S.HIDDEN_DIM,
+            "nhead": S.NHEADS,
+            "num_encoder_layers": S.ENC_LAYERS,
+            "num_decoder_layers": S.DEC_LAYERS,
+            "dim_feedforward": S.DIM_FEEDFORWARD,
+            "dropout": S.DROPOUT,
+            "num_feature_levels": S.NUM_FEATURE_LEVELS,
+            "enc_n_points": S.ENC_N_POINTS,
+            "dec_n_points": S.DEC_N_POINTS,
+            "two_stage": S.TWO_STAGE,
+            "num_queries": S.NUM_QUERIES,
+            "eff_query_init": S.EFF_QUERY_INIT,
+            "eff_specific_head": S.EFF_SPECIFIC_HEAD,
+            "rho": S.RHO,
+            "test_rho": S.TEST_RHO,
+        }
+
     def _reset_parameters(self) -> None:
         for p in self.parameters():
             if p.dim() > 1:
@@ -159,8 +211,13 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     @property
-    def token_selection(self) -> bool:
+    def has_scoring_network(self) -> bool:
+        """Sparse DETR (rho > 0): the encoder updates only the tokens the scoring network selects."""
         return self.enc_mask_predictor is not None
+
+    @property
+    def inference_rho(self) -> float:
+        return self.test_rho if self.test_rho > 0 else self.rho
 
     def _project_tokens(self, tokens: Tensor, padding_mask: Tensor, proposal_valid: Tensor) -> Tensor:
         """enc_output + LayerNorm of the tokens, padded tokens and tokens without a valid anchor zeroed first."""
@@ -173,89 +230,59 @@ class DeformableTransformer(nn.Module):
         masks: List[Tensor],
         pos_embeds: List[Tensor],
         query_embed: Optional[Tensor],
-        class_heads: Sequence[nn.Module],
-        bbox_heads: Sequence[nn.Module],
-        rho: float = 0.0,
+        heads: DetectionHeads,
         refine_boxes: bool = False,
         enc_aux: bool = False,
-    ) -> Dict[str, Any]:
+    ) -> TransformerOutput:
         """
         Args:
             srcs: per level [N, C, H_l, W_l] projected features.
             masks: per level [N, H_l, W_l] bool, True on padding.
             pos_embeds: per level [N, C, H_l, W_l].
             query_embed: [num_queries, 2C] learned (position, content) of the queries; None in two-stage mode.
-            class_heads, bbox_heads: the detection heads, in the order of the module docstring.
-            rho: keeping ratio of the sparse encoder; 0 = dense (> 0 needs token_selection).
-            refine_boxes: each decoder layer refines the reference boxes with its bbox head.
-            enc_aux: run the encoder aux heads (the heads after the decoder's and the proposal head).
-        Returns a dict:
-            "hs": [n_dec, N, Q, C] decoder states; "references": per decoder layer its reference, [N, Q, 2 or 4].
-            "dec_sampling_locations", "dec_attention_weights": per decoder layer, of its cross-attention.
-            "padding_mask": [N, S]; "spatial_shapes": [L, 2]; "level_start_index": [L]; "shapes": [(H_l, W_l)].
-            two-stage: "enc_outputs_class" [N, S, num_classes], "enc_outputs_coord_unact" [N, S, 4].
-            rho > 0: "token_scores" [N, S] scoring-network logits, "topk_inds" [N, K] the selected tokens,
-                "num_kept" [N] how many of them each image updates.
-            enc_aux: "enc_aux_outputs" per encoder layer but the last, (logits, sigmoid boxes).
+            heads: the detection heads (their proposal head in two-stage mode, their decoder heads to refine boxes,
+                their encoder aux heads with enc_aux).
+            refine_boxes: each decoder layer refines the reference boxes with its box head.
+            enc_aux: run the encoder aux heads.
+        The encoder keeps the share `rho` of the tokens in training mode, `inference_rho` in eval mode.
         """
-        shapes = [(src.shape[2], src.shape[3]) for src in srcs]
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
-        padding_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
         lvl_pos_embed = torch.cat(
             [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
              for lvl, pos in enumerate(pos_embeds)],
             1,
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-        out: Dict[str, Any] = {
-            "padding_mask": padding_mask,
-            "spatial_shapes": spatial_shapes,
-            "level_start_index": level_start_index,
-            "shapes": shapes,
-        }
+        levels = FlatLevels.from_masks(masks)
+        padding_mask = levels.padding_mask
 
-        sparse = rho > 0
-        if sparse and not self.token_selection:
-            raise ValueError(f"rho={rho} needs a model built with a scoring network (MODEL.SPARSE_DETR.RHO > 0)")
+        rho = self.rho if self.training else self.inference_rho
         proposals = proposal_valid = None
-        if self.two_stage or sparse or enc_aux:
-            # the anchors depend on the masks only: computed once for the scoring net, aux heads and two-stage
-            proposals, proposal_valid = encoder_output_proposals(padding_mask, shapes)
+        if self.two_stage or enc_aux:
+            # the anchors depend on the masks only: computed once for the scoring network, aux heads and two-stage
+            proposals, proposal_valid = encoder_output_proposals(padding_mask, levels.shapes)
 
-        topk_inds = num_kept = None
-        if sparse:
+        selection = None
+        if rho > 0:
             tokens = self._project_tokens(src_flatten + lvl_pos_embed, padding_mask, proposal_valid)
-            out["token_scores"] = self.enc_mask_predictor(tokens)
-            topk_inds, num_kept = select_top_rho_tokens(out["token_scores"], padding_mask, rho)
-            out["topk_inds"], out["num_kept"] = topk_inds, num_kept
+            selection = select_top_rho_tokens(self.enc_mask_predictor(tokens), padding_mask, rho)
 
-        n_dec = self.decoder.num_layers
-        aux_start = n_dec + int(self.two_stage)
-        memory, enc_aux_outputs = self.encoder(
+        memory, encoder_aux = self.encoder(
             src_flatten,
             lvl_pos_embed,
-            shapes,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            padding_mask,
-            topk_inds=topk_inds,
-            num_kept=num_kept,
-            aux_class_heads=class_heads[aux_start:] if enc_aux else None,
-            aux_bbox_heads=bbox_heads[aux_start:] if enc_aux else None,
+            levels,
+            selection,
+            aux_heads=heads.encoder_aux if enc_aux else (),
             aux_proposals=proposals,
         )
-        if enc_aux:
-            out["enc_aux_outputs"] = enc_aux_outputs
 
         N = memory.shape[0]
+        proposal_predictions = None
         if self.two_stage:
             output_memory = self._project_tokens(memory, padding_mask, proposal_valid)
-            enc_class = class_heads[n_dec](output_memory)
-            enc_coord_unact = proposals + bbox_heads[n_dec](output_memory)
-            out["enc_outputs_class"], out["enc_outputs_coord_unact"] = enc_class, enc_coord_unact
+            proposal_head = heads.proposal
+            enc_class = proposal_head.cls(output_memory)
+            enc_coord_unact = proposals + proposal_head.box(output_memory)
+            proposal_predictions = Prediction(enc_class, enc_coord_unact.sigmoid())
 
             objectness = enc_class.max(-1).values if self.eff_specific_head else enc_class[..., 0]
             # a tiny image may have fewer tokens than queries
@@ -279,16 +306,12 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
 
-        hs, references, locations, weights = self.decoder(
+        decoder = self.decoder(
             tgt,
             query_pos,
             reference_points,
             memory,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            padding_mask,
-            bbox_heads=bbox_heads[:n_dec] if refine_boxes else None,
+            levels,
+            bbox_heads=[head.box for head in heads.decoder] if refine_boxes else None,
         )
-        out.update(hs=hs, references=references, dec_sampling_locations=locations, dec_attention_weights=weights)
-        return out
+        return TransformerOutput(levels, decoder, proposal_predictions, selection, encoder_aux)

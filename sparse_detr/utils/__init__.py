@@ -1,1 +1,2 @@
-"""Analysis and visualisation helpers (FLOP counting, saliency drawing); not needed to train or run the model."""
+"""What the tools run, beyond training: FLOP and parameter accounting, the throughput and op benchmarks, the demo's
+pictures (saliency drawing). Not needed to train or run the model."""

@@ -1,7 +1,6 @@
 """Parameter and FLOP accounting of a `SparseDETR` model, by part (backbone, input projection, encoder, ...).
 
-The groups follow the model's own layout: its heads are `class_embed[i]` / `bbox_embed[i]` in the order decoder
-layers, two-stage proposal head, encoder aux heads (see `SparseDETR._build_heads`).
+The groups follow the model's own layout; its heads are grouped by their roles (`SparseDETR.heads`).
 
 The reference implementation runs, at inference too, heads whose outputs only its training losses use (the
 encoder aux heads on the selected tokens, and the heads of the intermediate decoder layers); this model skips them
@@ -28,45 +27,33 @@ __all__ = [
 _TRACED_PREFIX = "model."
 
 
-def _heads(model: nn.Module, start: int, stop: int) -> List[str]:
-    """Names of the distinct class/bbox head modules in [start, stop) (shared heads appear once)."""
-    names = []
-    for attr in ("class_embed", "bbox_embed"):
-        heads = getattr(model, attr)
-        first_index = {id(m): i for i, m in reversed(list(enumerate(heads)))}
-        names += [f"{attr}.{first_index[id(heads[i])]}" for i in range(start, min(stop, len(heads)))]
-    return list(OrderedDict.fromkeys(names))
-
-
 def module_groups(model: nn.Module) -> "OrderedDict[str, List[str]]":
     """Model parts -> names of the (non-nested) submodules that make them up.
 
-    Parts: backbone, input projection, token scoring (Sparse DETR's scoring network), encoder, two-stage
+    Parts: backbone, input projection, scoring network (Sparse DETR), encoder, two-stage
     proposals (encoder-output projection, shared with the scoring network's input, and the proposal head), decoder
     (with the query initialisation), prediction heads (of every decoder layer, including those the decoder uses to
     refine boxes), encoder aux heads (training only). Parts a variant lacks are left out.
     """
-    transformer = model.transformer
-    num_dec = transformer.decoder.num_layers
-    two_stage = int(transformer.two_stage)
+    heads = model.heads
     present = {name for name, _ in model.named_modules()}
     groups = OrderedDict(
         [
             ("backbone", ["backbone"]),
             ("input projection", ["input_proj"]),
-            ("token scoring", ["transformer.enc_mask_predictor"]),
+            ("scoring network", ["transformer.enc_mask_predictor"]),
             ("encoder", ["transformer.encoder"]),
             (
                 "two-stage proposals",
-                ["transformer.enc_output", "transformer.enc_output_norm"] + _heads(model, num_dec, num_dec + two_stage),
+                ["transformer.enc_output", "transformer.enc_output_norm"] + heads.module_names("proposal"),
             ),
             (
                 "decoder",
                 ["transformer.decoder", "transformer.reference_points", "transformer.pos_trans",
                  "transformer.pos_trans_norm", "query_embed"],
             ),
-            ("prediction heads", _heads(model, 0, num_dec)),
-            ("encoder aux heads", _heads(model, num_dec + two_stage, len(model.class_embed))),
+            ("prediction heads", heads.module_names("decoder")),
+            ("encoder aux heads", heads.module_names("encoder_aux")),
         ]
     )
     # a head shared by decoder layers and proposals (two-stage without box refinement) counts as prediction head
@@ -137,19 +124,15 @@ def training_only_head_flops(model: nn.Module, num_kept: int) -> "OrderedDict[st
         model: a `SparseDETR`.
         num_kept: tokens the encoder updates (0 for a dense encoder), see :func:`num_kept_tokens`.
     """
-    transformer = model.transformer
-    dim = transformer.d_model
-    num_dec = transformer.decoder.num_layers
-    aux_start = num_dec + int(transformer.two_stage)
+    dim = model.transformer.d_model
+    heads = model.heads
     out = OrderedDict([("encoder aux heads", 0), ("intermediate decoder heads", 0)])
-    if model.use_enc_aux_loss:
-        for i in range(aux_start, len(model.class_embed)):
-            out["encoder aux heads"] += _head_flops(model.class_embed[i], num_kept, dim)
-            out["encoder aux heads"] += _head_flops(model.bbox_embed[i], num_kept, dim)
+    for head in heads.encoder_aux:
+        out["encoder aux heads"] += _head_flops(head.cls, num_kept, dim) + _head_flops(head.box, num_kept, dim)
     if model.aux_loss:
-        for i in range(num_dec - 1):
-            out["intermediate decoder heads"] += _head_flops(model.class_embed[i], model.num_queries, dim)
-            out["intermediate decoder heads"] += _head_flops(model.bbox_embed[i], model.num_queries, dim)
+        for head in heads.decoder[:-1]:
+            out["intermediate decoder heads"] += _head_flops(head.cls, model.num_queries, dim)
+            out["intermediate decoder heads"] += _head_flops(head.box, model.num_queries, dim)
     return out
 
 
@@ -161,7 +144,7 @@ def num_kept_tokens(model: nn.Module, inputs: List[Dict[str, Any]]) -> int:
     """
     if len(inputs) != 1:
         raise ValueError(f"num_kept_tokens takes one image, got {len(inputs)}")
-    if not model.transformer.token_selection:
+    if not model.transformer.has_scoring_network:
         return 0
     _, saliency = model.inference_with_saliency(inputs)
     return int(sum(k.sum() for k in saliency[0]["kept"]))

@@ -63,15 +63,19 @@ def test_non_finite_loss_stops_training(cfg):
         trainer.train()
 
 
-def test_cuda_settings_without_cuda_fail_before_building(cfg, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_cuda_without_a_gpu_falls_back_but_amp_fails_before_building(cfg, no_gpu):
     cfg.MODEL.DEVICE = "cuda"
-    with pytest.raises(RuntimeError, match="MODEL.DEVICE is 'cuda' but CUDA is not available"):
-        Trainer(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.SOLVER.AMP.ENABLED = True
-    with pytest.raises(RuntimeError, match="SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda"):
-        Trainer(cfg)
+    trainer = Trainer(cfg)
+    assert trainer.cfg.MODEL.DEVICE == "cpu"
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+    assert [r.getMessage() for r in no_gpu.records if r.name == "sparse_detr.config"] == [
+        "MODEL.DEVICE is 'cuda' but no GPU is available: running on the CPU (set MODEL.DEVICE cpu to silence this)"
+    ]
+    for device in ("cuda", "cpu"):
+        cfg.MODEL.DEVICE = device
+        cfg.SOLVER.AMP.ENABLED = True
+        with pytest.raises(RuntimeError, match="SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda"):
+            Trainer(cfg)
 
 
 def test_bad_test_dataset_fails_before_training(cfg):

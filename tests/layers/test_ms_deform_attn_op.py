@@ -3,7 +3,8 @@ import importlib.util
 import re
 import sys
 import warnings
-from typing import List, Sequence, Tuple
+from types import ModuleType
+from typing import Callable, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -150,6 +151,8 @@ def test_backward_is_deterministic_across_thread_counts():
 
 
 def _bad(**changes) -> Inputs:
+    """Valid inputs (N=2, S=26 over levels 4x5 and 2x3, M=2, D=4, Lq=3, L=2, P=3) with `changes` applied, each a
+    function of the argument it replaces."""
     value, shapes, starts, loc, weights = make_inputs([(4, 5), (2, 3)], batch=2, num_queries=3)
     args = dict(value=value, spatial_shapes=shapes, level_start_index=starts, sampling_locations=loc,
                 attention_weights=weights)
@@ -158,77 +161,193 @@ def _bad(**changes) -> Inputs:
     return tuple(args.values())
 
 
-def _grow_last_level(shapes: Tensor) -> Tensor:
-    """Level starts stay consistent, the total no longer matches S."""
-    return shapes + torch.tensor([[0, 0], [1, 0]])
+def _to_meta(t: Tensor) -> Tensor:
+    return t.to("meta")
 
 
+def _const(rows: List[List[int]]) -> Callable[[Tensor], Tensor]:
+    return lambda _: torch.tensor(rows, dtype=torch.int64)
+
+
+# A 4 x _WRAPS level has 2^64 + 20 positions, 20 once wrapped around in int64: the area of the 4x5 level it
+# replaces, so that level_start_index and the sum would agree with wrapped products.
+_WRAPS = 2**62 + 5
+
+# The input specification of csrc/ms_deform_attn.h, one row (at least) per rule, in its order, plus rows where two
+# rules break and the earlier one must be reported. name: (changes, exception, the exact message).
 BAD_INPUTS = {
-    # name: (changes, exception, words the message must contain)
-    "value_rank": (dict(value=lambda t: t[0]), ValueError, "value must be [N, S, M, D]"),
-    "shapes_rank": (dict(spatial_shapes=lambda t: t.flatten()), ValueError, "spatial_shapes must be [L, 2]"),
-    "starts_rank": (dict(level_start_index=lambda t: t[None]), ValueError, "level_start_index must be [L]"),
-    "loc_rank": (dict(sampling_locations=lambda t: t[..., 0]), ValueError, "sampling_locations must be"),
-    "weights_rank": (dict(attention_weights=lambda t: t[..., None]), ValueError, "attention_weights must be"),
-    "not_a_tensor": (dict(attention_weights=lambda t: t.tolist()), TypeError, "attention_weights must be a Tensor"),
-    "value_int": (dict(value=lambda t: t.long()), TypeError, "value must be floating point"),
-    "loc_dtype": (dict(sampling_locations=lambda t: t.float()), TypeError, "sampling_locations has dtype"),
-    "weights_dtype": (dict(attention_weights=lambda t: t.float()), TypeError, "attention_weights has dtype"),
-    "shapes_int32": (dict(spatial_shapes=lambda t: t.int()), TypeError, "spatial_shapes must be int64"),
-    "starts_int32": (dict(level_start_index=lambda t: t.int()), TypeError, "level_start_index must be int64"),
-    "device": (dict(sampling_locations=lambda t: t.to("meta")), ValueError, "sampling_locations is on meta"),
-    "shapes_sum": (dict(spatial_shapes=_grow_last_level), ValueError, "spatial_shapes add up to"),
-    "starts_wrong": (dict(level_start_index=lambda t: t + 1), ValueError, "level_start_index[0] is 1"),
-    "shapes_zero": (dict(spatial_shapes=lambda t: t * torch.tensor([[0, 1], [1, 1]])), ValueError, "positive"),
-    "heads": (dict(sampling_locations=lambda t: t[:, :, :1]), ValueError, "sampling_locations has shape"),
-    "levels": (dict(attention_weights=lambda t: t[:, :, :, :1]), ValueError, "attention_weights has shape"),
-    "points": (dict(attention_weights=lambda t: t[..., :2]), ValueError, "attention_weights has shape"),
-    "queries": (dict(attention_weights=lambda t: t[:, :2]), ValueError, "attention_weights has shape"),
-    "batch": (dict(sampling_locations=lambda t: t[:1]), ValueError, "sampling_locations has shape"),
-    "xy": (dict(sampling_locations=lambda t: t[..., :1]), ValueError, "sampling_locations has shape"),
-    "levels_vs_shapes": (dict(spatial_shapes=lambda t: t[:1]), ValueError, "level_start_index has shape"),
+    # 1. Ranks.
+    "value_rank": (dict(value=lambda t: t[0]), ValueError,
+                   "value must be [N, S, M, D] (4 dims), got shape [26, 2, 4]"),
+    "shapes_rank": (dict(spatial_shapes=torch.flatten), ValueError,
+                    "spatial_shapes must be [L, 2] (2 dims), got shape [4]"),
+    "starts_rank": (dict(level_start_index=lambda t: t[None]), ValueError,
+                    "level_start_index must be [L] (1 dims), got shape [1, 2]"),
+    "loc_rank": (dict(sampling_locations=lambda t: t[..., 0]), ValueError,
+                 "sampling_locations must be [N, Lq, M, L, P, 2] (6 dims), got shape [2, 3, 2, 2, 3]"),
+    "weights_rank": (dict(attention_weights=lambda t: t[..., None]), ValueError,
+                     "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [2, 3, 2, 2, 3, 1]"),
+    "rank_before_dtype": (dict(value=lambda t: t.float(), attention_weights=lambda t: t[0]), ValueError,
+                          "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [3, 2, 2, 3]"),
+    # 2. Dtypes.
+    "value_int": (dict(value=lambda t: t.long()), TypeError, "value must be floating point, got torch.int64"),
+    "loc_dtype": (dict(sampling_locations=lambda t: t.float()), TypeError,
+                  "sampling_locations has dtype torch.float32 but value has torch.float64"),
+    "weights_dtype": (dict(attention_weights=lambda t: t.half()), TypeError,
+                      "attention_weights has dtype torch.float16 but value has torch.float64"),
+    "shapes_int32": (dict(spatial_shapes=lambda t: t.int()), TypeError,
+                     "spatial_shapes must be torch.int64, got torch.int32"),
+    "starts_float": (dict(level_start_index=lambda t: t.double()), TypeError,
+                     "level_start_index must be torch.int64, got torch.float64"),
+    "dtype_before_device": (dict(sampling_locations=_to_meta, attention_weights=lambda t: t.float()), TypeError,
+                            "attention_weights has dtype torch.float32 but value has torch.float64"),
+    # 3. Devices.
+    "value_device": (dict(value=_to_meta), ValueError, "spatial_shapes is on cpu but value is on meta"),
+    "shapes_device": (dict(spatial_shapes=_to_meta), ValueError, "spatial_shapes is on meta but value is on cpu"),
+    "starts_device": (dict(level_start_index=_to_meta), ValueError,
+                      "level_start_index is on meta but value is on cpu"),
+    "loc_device": (dict(sampling_locations=_to_meta), ValueError, "sampling_locations is on meta but value is on cpu"),
+    "weights_device": (dict(attention_weights=_to_meta), ValueError,
+                       "attention_weights is on meta but value is on cpu"),
+    "device_before_size": (dict(attention_weights=_to_meta, sampling_locations=lambda t: t[:1]), ValueError,
+                           "attention_weights is on meta but value is on cpu"),
+    # 4. Sizes.
+    "shapes_width": (dict(spatial_shapes=lambda t: torch.cat([t, t[:, :1]], 1)), ValueError,
+                     "spatial_shapes must have 2 entries per level (H, W) in dim 1, got shape [2, 3]"),
+    "levels_vs_shapes": (dict(spatial_shapes=lambda t: t[:1]), ValueError,
+                         "level_start_index must have 1 levels (L of spatial_shapes) in dim 0, got shape [2]"),
+    "loc_batch": (dict(sampling_locations=lambda t: t[:1]), ValueError,
+                  "sampling_locations must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3, 2]"),
+    "loc_heads": (dict(sampling_locations=lambda t: t[:, :, :1]), ValueError,
+                  "sampling_locations must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3, 2]"),
+    "loc_levels": (dict(sampling_locations=lambda t: t[:, :, :, :1]), ValueError,
+                   "sampling_locations must have 2 levels (L of spatial_shapes) in dim 3, "
+                   "got shape [2, 3, 2, 1, 3, 2]"),
+    "loc_xy": (dict(sampling_locations=lambda t: t[..., :1]), ValueError,
+               "sampling_locations must have 2 coordinates (x, y) in dim 5, got shape [2, 3, 2, 2, 3, 1]"),
+    "weights_batch": (dict(attention_weights=lambda t: t[:1]), ValueError,
+                      "attention_weights must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3]"),
+    "weights_queries": (dict(attention_weights=lambda t: t[:, :2]), ValueError,
+                        "attention_weights must have 3 queries (Lq of sampling_locations) in dim 1, "
+                        "got shape [2, 2, 2, 2, 3]"),
+    "weights_heads": (dict(attention_weights=lambda t: t[:, :, :1]), ValueError,
+                      "attention_weights must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3]"),
+    "weights_levels": (dict(attention_weights=lambda t: t[:, :, :, :1]), ValueError,
+                       "attention_weights must have 2 levels (L of spatial_shapes) in dim 3, "
+                       "got shape [2, 3, 2, 1, 3]"),
+    "weights_points": (dict(attention_weights=lambda t: t[..., :2]), ValueError,
+                       "attention_weights must have 3 points (P of sampling_locations) in dim 4, "
+                       "got shape [2, 3, 2, 2, 2]"),
+    "size_before_levels": (dict(spatial_shapes=_const([[0, 5], [2, 3]]), attention_weights=lambda t: t[..., :2]),
+                           ValueError, "attention_weights must have 3 points (P of sampling_locations) in dim 4, "
+                           "got shape [2, 3, 2, 2, 2]"),
+    # 5a. Positive levels.
+    "shapes_zero": (dict(spatial_shapes=_const([[0, 5], [2, 3]])), ValueError,
+                    "spatial_shapes[0] must be positive (H, W), got (0, 5)"),
+    "shapes_negative": (dict(spatial_shapes=_const([[4, 5], [2, -3]])), ValueError,
+                        "spatial_shapes[1] must be positive (H, W), got (2, -3)"),
+    # 5b. Level starts.
+    "starts_first": (dict(level_start_index=lambda t: t + 1), ValueError,
+                     "level_start_index[0] is 1 but spatial_shapes put level 0 at 0"),
+    "starts_second": (dict(level_start_index=_const([0, 19])), ValueError,
+                      "level_start_index[1] is 19 but spatial_shapes put level 1 at 20"),
+    # 5c. Each level fits in what is left of value: also where H * W wraps around in int64.
+    "level_too_large": (dict(spatial_shapes=_const([[4, 5], [3, 3]])), ValueError,
+                        "spatial_shapes[1] = (3, 3) does not fit in value: level 1 starts at 20 of S = 26"),
+    # 2^32 x 2^32 wraps around to 0: with starts [0, 0] and a second level of all 26 positions, wrapped products
+    # would agree with level_start_index and S.
+    "level_wraps_to_zero": (dict(spatial_shapes=_const([[2**32, 2**32], [2, 13]]), level_start_index=_const([0, 0])),
+                            ValueError, "spatial_shapes[0] = (4294967296, 4294967296) does not fit in value: "
+                            "level 0 starts at 0 of S = 26"),
+    "level_wraps_to_fit": (dict(spatial_shapes=_const([[4, _WRAPS], [2, 3]])), ValueError,
+                           f"spatial_shapes[0] = (4, {_WRAPS}) does not fit in value: level 0 starts at 0 of S = 26"),
+    # 5, after the last level: the sum.
+    "shapes_short": (dict(spatial_shapes=_const([[4, 5], [2, 2]])), ValueError,
+                     "spatial_shapes add up to 24 positions but value has S = 26"),
+    "no_levels": (dict(spatial_shapes=lambda t: t[:0], level_start_index=lambda t: t[:0],
+                       sampling_locations=lambda t: t[:, :, :, :0], attention_weights=lambda t: t[:, :, :, :0]),
+                  ValueError, "spatial_shapes add up to 0 positions but value has S = 26"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_inputs_raise_in_python(case: str):
-    changes, exc, words = BAD_INPUTS[case]
-    with pytest.raises(exc, match=re.escape(words)):
-        ms_deform_attn(*_bad(**changes))
+def _load_without_extension(mp: pytest.MonkeyPatch) -> ModuleType:
+    """A fresh copy of ms_deform_attn_op, imported as if sparse_detr._C were missing: the fallback path."""
+    mp.setitem(sys.modules, "sparse_detr._C", None)  # makes `from sparse_detr import _C` fail
+    mp.delattr(sparse_detr, "_C", raising=False)
+    spec = importlib.util.spec_from_file_location("_msda_without_ext", ms_deform_attn_op.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fallback_op() -> ModuleType:
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the missing extension's, tested below
+        return _load_without_extension(mp)
+
+
+def _raised(fn: Callable, *args) -> Tuple[type, str]:
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return info.type, str(info.value)
+
+
+def _op_on_cpu(op: "torch._ops.OpOverloadPacket", *args):
+    """The op's CPU kernel. Through the dispatcher a meta tensor among the arguments picks the fake (meta) kernel,
+    which computes shapes only, so the rows mixing devices call the CPU kernel's own checks directly."""
+    if any(isinstance(a, Tensor) and a.is_meta for a in args):
+        return op.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
+    return op(*args)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_python_path(case: str, fallback_op: ModuleType):
+    changes, exc, message = BAD_INPUTS[case]
+    assert _raised(fallback_op.ms_deform_attn, *_bad(**changes)) == (exc, f"ms_deform_attn: {message}")
 
 
 @requires_op
-def test_cpu_rejects_half():
-    with pytest.raises(TypeError, match="CPU kernel supports"):
-        ms_deform_attn(*_bad(value=torch.Tensor.half, sampling_locations=torch.Tensor.half,
-                             attention_weights=torch.Tensor.half))
-
-
-CPP_BAD_INPUTS = {
-    # The same mistakes reaching the op directly (torch.compile or export skip the Python value checks).
-    "shapes_sum": (dict(spatial_shapes=_grow_last_level), "spatial_shapes add up to"),
-    "starts_wrong": (dict(level_start_index=lambda t: t + 1), "level_start_index[0] is 1"),
-    "value_rank": (dict(value=lambda t: t[0]), "value must be [N, S, M, D]"),
-    "heads": (dict(sampling_locations=lambda t: t[:, :, :1]), "sampling_locations must have 2 heads"),
-    "points": (dict(attention_weights=lambda t: t[..., :2]), "attention_weights must have 3 points"),
-    "loc_dtype": (dict(sampling_locations=lambda t: t.float()), "sampling_locations has dtype"),
-    "shapes_int32": (dict(spatial_shapes=lambda t: t.int()), "spatial_shapes must be int64"),
-}
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_compiled_op(case: str):
+    """The forward op and the backward op (its inputs are checked before grad_output) raise as the Python path."""
+    changes, exc, message = BAD_INPUTS[case]
+    inputs = _bad(**changes)
+    grad_output = torch.zeros(2, 3, 8, dtype=torch.float64)
+    assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn, *inputs) == (exc, f"ms_deform_attn: {message}")
+    assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn_backward, grad_output, *inputs) == (
+        exc, f"ms_deform_attn: {message}")
 
 
 @requires_op
-@pytest.mark.parametrize("case", sorted(CPP_BAD_INPUTS))
-def test_bad_inputs_raise_in_cpp(case: str):
-    changes, words = CPP_BAD_INPUTS[case]
-    with pytest.raises(RuntimeError, match=re.escape(words)):
-        torch.ops.sparse_detr.ms_deform_attn(*_bad(**changes))
+def test_not_a_tensor():
+    """Rule 0: Python checks it itself, in C++ the op's schema does (in its own words)."""
+    inputs = _bad(attention_weights=Tensor.tolist)
+    assert _raised(ms_deform_attn, *inputs) == (
+        TypeError, "ms_deform_attn: attention_weights must be a Tensor, got list")
+    exc, message = _raised(torch.ops.sparse_detr.ms_deform_attn, *inputs)
+    assert exc is RuntimeError and "Expected a value of type 'Tensor' for argument 'attention_weights'" in message
 
 
 @requires_op
-def test_backward_op_checks_grad_output():
-    inputs = _bad()
-    with pytest.raises(RuntimeError, match=r"grad_output must be \[N, Lq, M \* D\]"):
-        torch.ops.sparse_detr.ms_deform_attn_backward(torch.zeros(2, 3, 5, dtype=torch.float64), *inputs)
+@pytest.mark.parametrize("grad_output,exc,message", [
+    (torch.zeros(2, 3, 5, dtype=torch.float64), ValueError,
+     "grad_output must be [N, Lq, M * D] = [2, 3, 8], got [2, 3, 5]"),
+    (torch.zeros(2, 3, 8), TypeError, "grad_output has dtype torch.float32 but value has torch.float64"),
+    (torch.zeros(2, 3, 8, dtype=torch.float64, device="meta"), ValueError,
+     "grad_output is on meta but value is on cpu"),
+], ids=["shape", "dtype", "device"])
+def test_backward_op_checks_grad_output(grad_output: Tensor, exc: type, message: str):
+    assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn_backward, grad_output, *_bad()) == (
+        exc, f"ms_deform_attn_backward: {message}")
+
+
+@requires_op
+def test_cpu_rejects_half_alike_on_both_paths():
+    args = _bad(value=torch.Tensor.half, sampling_locations=torch.Tensor.half, attention_weights=torch.Tensor.half)
+    message = "ms_deform_attn: value has dtype torch.float16; the CPU kernel supports torch.float32, torch.float64"
+    assert _raised(ms_deform_attn, *args) == (TypeError, message)
+    assert _raised(torch.ops.sparse_detr.ms_deform_attn, *args) == (TypeError, message)
 
 
 @requires_op
@@ -311,13 +430,9 @@ def test_export_and_jit_trace_see_one_op():
 
 def test_falls_back_to_reference_with_one_warning(monkeypatch):
     """Without the extension the module still imports, warns once, and computes with the reference."""
-    monkeypatch.setitem(sys.modules, "sparse_detr._C", None)  # makes `from sparse_detr import _C` fail
-    monkeypatch.delattr(sparse_detr, "_C", raising=False)
-    spec = importlib.util.spec_from_file_location("_msda_without_ext", ms_deform_attn_op.__file__)
-    fresh = importlib.util.module_from_spec(spec)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spec.loader.exec_module(fresh)
+        fresh = _load_without_extension(monkeypatch)
         inputs = make_inputs([(4, 5)], batch=1)
         out = fresh.ms_deform_attn(*inputs)
         fresh.ms_deform_attn(*inputs)

@@ -29,6 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 NUM_CLASSES = 5
 NUM_QUERIES = 10
+# A ResNet-18, 32-channel, 2+2-layer model: MODEL.SPARSE_DETR keys over the base config. Spelled out here, not
+# shared with the test fixtures, because the pinned numbers belong to exactly this configuration.
+TINY_MODEL: Dict[str, Any] = dict(
+    NUM_CLASSES=NUM_CLASSES, HIDDEN_DIM=32, NHEADS=2, ENC_LAYERS=2, DEC_LAYERS=2, DIM_FEEDFORWARD=64, DROPOUT=0.0,
+    NUM_QUERIES=NUM_QUERIES, ENC_N_POINTS=2, DEC_N_POINTS=2, NUM_DETECTIONS=NUM_QUERIES * NUM_CLASSES,
+)
 # The four rows the paper compares; the keys are MODEL.SPARSE_DETR switches.
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "deformable_detr": {},
@@ -42,28 +48,14 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 def pinned_cfg(variant: str) -> CfgNode:
-    """A ResNet-18, 32-channel, 2+2-layer model. Spelled out here, not shared with the test fixtures, because the
-    pinned numbers belong to exactly this configuration."""
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "Base-SparseDETR.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    S = cfg.MODEL.SPARSE_DETR
-    S.NUM_CLASSES = NUM_CLASSES
-    S.HIDDEN_DIM = 32
-    S.NHEADS = 2
-    S.ENC_LAYERS = 2
-    S.DEC_LAYERS = 2
-    S.DIM_FEEDFORWARD = 64
-    S.DROPOUT = 0.0
-    S.NUM_QUERIES = NUM_QUERIES
-    S.ENC_N_POINTS = 2
-    S.DEC_N_POINTS = 2
-    S.NUM_DETECTIONS = NUM_QUERIES * NUM_CLASSES
-    for key, value in VARIANTS[variant].items():
-        setattr(S, key, value)
+    for key, value in {**TINY_MODEL, **VARIANTS[variant]}.items():
+        setattr(cfg.MODEL.SPARSE_DETR, key, value)
     return cfg
 
 

@@ -1,20 +1,23 @@
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
-from sparse_detr.modeling.criterion import SetCriterion, build_weight_dict
+from sparse_detr.modeling.criterion import LossInputs, SetCriterion, build_weight_dict
 from sparse_detr.modeling.matcher import HungarianMatcher
+from sparse_detr.modeling.structures import Prediction, Target
 
 
 def test_weight_dict_keys_follow_the_reference():
     w = build_weight_dict(2, 5, 2, 1, num_decoder_layers=3, aux_loss=True, two_stage=True, num_encoder_aux_layers=2,
-                          token_selection=True)
+                          scoring_network=True)
     assert w["loss_ce"] == 2 and w["loss_bbox_1"] == 5 and w["loss_giou_enc"] == 2 and w["loss_ce_enc_1"] == 2
     assert w["loss_mask_prediction"] == 1
     assert len(w) == 3 * (1 + 2 + 1 + 2) + 1
     plain = build_weight_dict(2, 5, 2, 1, 3, aux_loss=False, two_stage=False, num_encoder_aux_layers=0,
-                              token_selection=False)
+                              scoring_network=False)
     assert sorted(plain) == ["loss_bbox", "loss_ce", "loss_giou"]
 
 
@@ -27,8 +30,8 @@ def test_losses_of_a_hand_checked_prediction():
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.4]]])
     logits = torch.tensor([[[3.0, -2.0, -1.0], [0.0, 0.5, -3.0]]])
     target_box = torch.tensor([[0.3, 0.3, 0.2, 0.2]])
-    targets = [{"labels": torch.tensor([0]), "boxes": target_box}]
-    losses, metrics = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    targets = [Target(torch.tensor([0]), target_box)]
+    losses, metrics = _criterion()(LossInputs(Prediction(logits, boxes)), targets)
     assert losses["loss_bbox"].item() == 0 and abs(losses["loss_giou"].item()) < 1e-6
     # focal loss of every (query, class), one positive (query 0, class 0), / num_boxes=1, as the reference
     onehot = torch.zeros(1, 2, 3)
@@ -44,11 +47,11 @@ def test_losses_of_a_hand_checked_prediction():
 
 def test_aux_enc_outputs_and_empty_images():
     torch.manual_seed(0)
-    pred = {"pred_logits": torch.randn(2, 4, 3), "pred_boxes": torch.rand(2, 4, 4) * 0.5 + 0.1}
-    outputs = dict(pred, aux_outputs=[dict(pred)], enc_outputs=dict(pred))
+    pred = Prediction(torch.randn(2, 4, 3), torch.rand(2, 4, 4) * 0.5 + 0.1)
+    outputs = LossInputs(pred, decoder_aux=[pred], proposals=pred)
     targets = [
-        {"labels": torch.tensor([2, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.2, 0.3, 0.1, 0.1]])},
-        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+        Target(torch.tensor([2, 1]), torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.2, 0.3, 0.1, 0.1]])),
+        Target(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4)),
     ]
     losses, _ = _criterion()(outputs, targets)
     assert sorted(losses) == sorted(build_weight_dict(2, 5, 2, 1, 2, True, True, 0, False))
@@ -59,7 +62,18 @@ def test_aux_enc_outputs_and_empty_images():
     specific, _ = _criterion(binary_enc_targets=False)(outputs, targets)
     assert torch.allclose(specific["loss_ce_enc"], losses["loss_ce"])
 
-    no_boxes = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    no_boxes = [Target(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4))] * 2
     empty, metrics = _criterion()(outputs, no_boxes)
     assert empty["loss_bbox"].item() == 0 and empty["loss_giou"].item() == 0 and empty["loss_ce"].item() > 0
     assert math.isfinite(metrics["class_error"].item())
+
+
+def test_scoring_network_loss_needs_the_decoder_attention():
+    from sparse_detr.modeling.token_selection import TokenSelection
+
+    pred = Prediction(torch.randn(1, 4, 3), torch.rand(1, 4, 4) * 0.5 + 0.1)
+    selection = TokenSelection(torch.randn(1, 6), torch.tensor([[2, 0]]), torch.tensor([2]))
+    weights = build_weight_dict(2, 5, 2, 1, 1, False, False, 0, scoring_network=True)
+    criterion = SetCriterion(3, HungarianMatcher(), weights)
+    with pytest.raises(ValueError, match="needs levels and decoder"):
+        criterion(LossInputs(pred, selection=selection), [Target(torch.tensor([1]), torch.rand(1, 4))])

@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from sparse_detr.modeling.deformable_encoder import DeformableEncoder, gather_tokens, scatter_sparse_tokens
-from sparse_detr.modeling.transformer import valid_ratio
+from sparse_detr.modeling.heads import DetectionHead
+from sparse_detr.modeling.levels import FlatLevels
+from sparse_detr.modeling.token_selection import TokenSelection
 
 SHAPES = [(4, 5), (2, 3)]
 S = 26
@@ -38,16 +41,18 @@ def _inputs(padded: bool = True):
     if padded:
         masks[0][1, :, 3:] = True
         masks[1][1, :, 2:] = True
-    padding = torch.cat([m.flatten(1) for m in masks], 1)
-    ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-    shapes_t = torch.tensor(SHAPES)
-    start = torch.tensor([0, 20])
-    return src, pos, shapes_t, start, ratios, padding
+    levels = FlatLevels.from_masks(masks)
+    assert levels.level_start_index.tolist() == [0, 20] and levels.num_tokens == S
+    return src, pos, levels
+
+
+def _selection(topk, num_kept):
+    return TokenSelection(scores=torch.zeros(topk.shape[0], S), indices=topk, num_kept=num_kept)
 
 
 def test_reference_points_are_token_centres_of_the_valid_area():
-    _, _, _, _, ratios, _ = _inputs()
-    ref = DeformableEncoder.get_reference_points(SHAPES, ratios)
+    _, _, levels = _inputs()
+    ref = DeformableEncoder.get_reference_points(SHAPES, levels.valid_ratios)
     assert ref.shape == (2, S, 2, 2)
     # token (row 1, col 2) of level 0 in the unpadded image: ((2.5) / 5, 1.5 / 4) in every level's frame
     assert torch.allclose(ref[0, 7], torch.tensor([[0.5, 0.375]] * 2))
@@ -56,29 +61,26 @@ def test_reference_points_are_token_centres_of_the_valid_area():
 
 
 def test_sparse_encoder_with_every_token_selected_equals_the_dense_one():
-    src, pos, shapes_t, start, ratios, padding = _inputs()
+    src, pos, levels = _inputs()
     torch.manual_seed(1)
     encoder = DeformableEncoder(2, d_model=16, d_ffn=32, dropout=0.0, n_levels=2, n_heads=2, n_points=2)
-    dense, _ = encoder(src, pos, SHAPES, shapes_t, start, ratios, padding)
+    dense, _ = encoder(src, pos, levels)
     # queries in a scrambled order: deformable attention treats queries independently
     topk = torch.stack([torch.randperm(S) for _ in range(2)])
-    sparse, _ = encoder(src, pos, SHAPES, shapes_t, start, ratios, padding, topk_inds=topk,
-                        num_kept=torch.tensor([S, S]))
+    sparse, _ = encoder(src, pos, levels, _selection(topk, torch.tensor([S, S])))
     assert torch.allclose(sparse, dense, atol=1e-5)
 
 
 def test_sparse_encoder_updates_only_the_kept_tokens_and_feeds_aux_heads():
-    src, pos, shapes_t, start, ratios, padding = _inputs()
+    src, pos, levels = _inputs()
     encoder = DeformableEncoder(3, d_model=16, d_ffn=32, dropout=0.0, n_levels=2, n_heads=2, n_points=2)
     topk = torch.tensor([[3, 11, 7, 0], [1, 2, 20, 5]])
     num_kept = torch.tensor([4, 2])
-    heads = [torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)]
-    box_heads = [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)]
-    torch.nn.init.zeros_(box_heads[0].weight)
-    torch.nn.init.zeros_(box_heads[0].bias)
+    heads = [DetectionHead(torch.nn.Linear(16, 3), torch.nn.Linear(16, 4)) for _ in range(2)]
+    torch.nn.init.zeros_(heads[0].box.weight)
+    torch.nn.init.zeros_(heads[0].box.bias)
     proposals = torch.randn(2, S, 4)
-    memory, aux = encoder(src, pos, SHAPES, shapes_t, start, ratios, padding, topk_inds=topk, num_kept=num_kept,
-                          aux_class_heads=heads, aux_bbox_heads=box_heads, aux_proposals=proposals)
+    memory, aux = encoder(src, pos, levels, _selection(topk, num_kept), aux_heads=heads, aux_proposals=proposals)
     changed = (memory != src).any(-1)
     expected = torch.zeros(2, S, dtype=torch.bool)
     expected[0, [3, 11, 7, 0]] = True
@@ -90,4 +92,6 @@ def test_sparse_encoder_updates_only_the_kept_tokens_and_feeds_aux_heads():
     assert logits.shape == (2, 4, 3) and boxes.shape == (2, 4, 4)
     # the aux boxes are deltas on the selected tokens' proposals (a zero head gives the proposals)
     assert torch.allclose(boxes, gather_tokens(proposals, topk).sigmoid())
-    assert not torch.allclose(aux[1][1], boxes)
+    assert not torch.allclose(aux[1].boxes, boxes)
+    with pytest.raises(ValueError, match="one per encoder layer but the last"):
+        encoder(src, pos, levels, aux_heads=heads[:1], aux_proposals=proposals)

@@ -11,7 +11,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.modeling import SparseDETR
+from sparse_detr.modeling import Prediction, SparseDETR
 
 # the paper's variants as MODEL.SPARSE_DETR switches
 SPARSE = dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3)
@@ -86,37 +86,37 @@ def test_images_without_annotations(tiny_cfg, tiny_inputs):
     assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0
 
 
-def _transformer_outputs(model, inputs, rho):
+def _transformer_outputs(model, inputs):
     images = model.preprocess_image(inputs)
-    return images, model._run_transformer(images, rho, enc_aux=False)
+    with torch.no_grad():
+        return images, model._run_transformer(images)
 
 
 def test_padding_masks_and_per_image_token_counts(tiny_cfg, tiny_inputs):
     model = _build(tiny_cfg(**VARIANTS["sparse"])).eval()
     inputs = tiny_inputs(sizes=[(64, 96), (40, 56), (96, 32)], num_boxes=(1, 1, 1))
-    images, out = _transformer_outputs(model, inputs, 0.3)
+    images, out = _transformer_outputs(model, inputs)
     mask = model.padding_mask(images)
     assert mask.shape == (3, 96, 96)
     for i, (h, w) in enumerate([(64, 96), (40, 56), (96, 32)]):
         assert not mask[i, :h, :w].any() and mask[i, h:].all() and mask[i, :, w:].all()
-    padding = out["padding_mask"]
+    padding = out.levels.padding_mask
     valid = (~padding).sum(1)
     # levels of the 96 x 96 batch: 12 x 12, 6 x 6, 3 x 3, 2 x 2; each level's mask is the pixel mask sampled at
     # (nearest) pixel 96 / size * i, so e.g. the 64-row image keeps rows 0, 48 of the 2 x 2 level
     assert valid.tolist() == [8 * 12 + 4 * 6 + 2 * 3 + 2 * 2, 5 * 7 + 3 * 4 + 2 * 2 + 1 * 2, 12 * 4 + 6 * 2 + 3 + 2]
-    assert out["num_kept"].tolist() == [int(v * 0.3) + 1 for v in valid.tolist()]
-    k = out["topk_inds"].shape[1]
-    kept = torch.arange(k)[None] < out["num_kept"][:, None]
-    assert not (padding.gather(1, out["topk_inds"]) & kept).any()
+    assert out.selection.num_kept.tolist() == [int(v * 0.3) + 1 for v in valid.tolist()]
+    kept = out.selection.kept()
+    assert not (padding.gather(1, out.selection.indices) & kept).any()
 
 
 def test_test_time_rho(tiny_cfg, tiny_inputs):
     model = _build(tiny_cfg(**dict(VARIANTS["sparse"], RHO=0.2, TEST_RHO=0.5)))
     inputs = tiny_inputs()
-    images, out = _transformer_outputs(model.eval(), inputs, model.inference_rho)
-    valid = (~out["padding_mask"]).sum(1)
-    assert out["num_kept"].tolist() == [int(v * 0.5) + 1 for v in valid.tolist()]
-    model.test_rho = -1.0
+    images, out = _transformer_outputs(model.eval(), inputs)
+    valid = (~out.levels.padding_mask).sum(1)
+    assert out.selection.num_kept.tolist() == [int(v * 0.5) + 1 for v in valid.tolist()]
+    model.transformer.test_rho = -1.0
     assert model.inference_rho == 0.2
     with torch.no_grad():
         _, saliency = model.inference_with_saliency(inputs)
@@ -132,7 +132,7 @@ def test_known_box_maps_back_to_the_original_image(tiny_cfg, tiny_inputs, monkey
     logits[0, 7, 3] = 4.0
     boxes = torch.full((1, 10, 4), 0.5)
     boxes[0, 7] = torch.tensor([0.5, 0.25, 0.25, 0.5])  # cxcywh in the 96 x 64 image: x 36..60, y 0..32
-    monkeypatch.setattr(model, "_predictions", lambda out, layers: [(logits, boxes)])
+    monkeypatch.setattr(model, "_decoder_predictions", lambda out, layers: [Prediction(logits, boxes)])
     with torch.no_grad():
         instances = model(inputs)[0]["instances"]
     assert instances.image_size == (128, 192)
@@ -148,8 +148,8 @@ def test_saliency_maps(tiny_cfg, tiny_inputs):
     results, saliency = model.inference_with_saliency(inputs)
     assert len(results) == len(saliency) == 2
     expected_shapes = [[(8, 12), (4, 6), (2, 3), (1, 2)], [(5, 7), (3, 4), (2, 2), (1, 2)]]
-    _, out = _transformer_outputs(model, inputs, 0.3)
-    for s, shapes, n in zip(saliency, expected_shapes, out["num_kept"].tolist()):
+    _, out = _transformer_outputs(model, inputs)
+    for s, shapes, n in zip(saliency, expected_shapes, out.selection.num_kept.tolist()):
         assert [tuple(t.shape) for t in s["scores"]] == shapes
         assert [tuple(t.shape) for t in s["kept"]] == shapes
         assert all(t.dtype == torch.bool for t in s["kept"])
@@ -211,11 +211,24 @@ def test_encoder_aux_heads_only_run_in_training(tiny_cfg, tiny_inputs):
         (dict(NUM_FEATURE_LEVELS=2), "MODEL.SPARSE_DETR.NUM_FEATURE_LEVELS"),
         (dict(HIDDEN_DIM=48, NHEADS=2), "MODEL.SPARSE_DETR.HIDDEN_DIM"),
         (dict(NHEADS=3), "MODEL.SPARSE_DETR.NHEADS"),
+        (dict(NUM_CLASSES=0), "MODEL.SPARSE_DETR.NUM_CLASSES"),
+        (dict(SET_COST_CLASS=0.0, SET_COST_BBOX=0.0, SET_COST_GIOU=0.0), "MODEL.SPARSE_DETR.SET_COST_CLASS"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, key, tiny_cfg):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(**overrides))
+
+
+def test_built_from_arguments_names_the_argument(tiny_cfg):
+    kwargs = SparseDETR.from_config(tiny_cfg())
+    kwargs["num_classes"] = 7
+    with pytest.raises(ValueError, match=r"num_classes \(7\) and the criterion's num_classes \(5\)"):
+        SparseDETR(**kwargs)
+    kwargs = SparseDETR.from_config(tiny_cfg())
+    kwargs["in_features"] = ["res3", "p9"]
+    with pytest.raises(ValueError, match=r"in_features .* does not produce \['p9'\]"):
+        SparseDETR(**kwargs)
 
 
 def test_unknown_config_key_is_an_error(tiny_cfg):

@@ -2,16 +2,15 @@ import pytest
 import torch
 
 from sparse_detr.modeling.token_selection import (
-    MaskPredictor,
-    keep_mask,
+    ScoringNetwork,
     num_selected_tokens,
     select_top_rho_tokens,
 )
 
 
-def test_mask_predictor_shapes_and_global_half():
+def test_scoring_network_shapes_and_global_half():
     torch.manual_seed(0)
-    net = MaskPredictor(16, 16)
+    net = ScoringNetwork(16, 16)
     x = torch.randn(2, 7, 16)
     scores = net(x)
     assert scores.shape == (2, 7)
@@ -21,7 +20,7 @@ def test_mask_predictor_shapes_and_global_half():
     assert torch.allclose(scores, net.layer2(mixed).squeeze(-1), atol=1e-6)
     assert not torch.allclose(scores, net.layer2(z).squeeze(-1), atol=1e-4)
     with pytest.raises(ValueError, match="divisible by 4"):
-        MaskPredictor(16, 18)
+        ScoringNetwork(16, 18)
 
 
 def test_counts_are_int_valid_times_rho_plus_one():
@@ -38,10 +37,11 @@ def test_padded_tokens_are_never_selected_even_in_ties():
     padding = torch.zeros(3, 12, dtype=torch.bool)
     padding[0, :5] = True  # padded tokens first, where a stable sort would prefer them
     padding[1, 6:] = True
-    inds, num_kept = select_top_rho_tokens(scores, padding, rho=0.9)
+    selection = select_top_rho_tokens(scores, padding, rho=0.9)
+    inds, num_kept = selection.indices, selection.num_kept
     assert num_kept.tolist() == [int(7 * 0.9) + 1, int(6 * 0.9) + 1, int(12 * 0.9) + 1]
     assert inds.shape == (3, int(num_kept.max()))
-    kept = keep_mask(inds, num_kept, 12)
+    kept = selection.keep_mask()
     assert not (kept & padding).any()
     assert kept.sum(1).tolist() == num_kept.tolist()
 
@@ -50,6 +50,8 @@ def test_selection_is_sorted_by_score_and_capped_at_the_token_count():
     torch.manual_seed(0)
     scores = torch.randn(2, 10)
     padding = torch.zeros(2, 10, dtype=torch.bool)
-    inds, num_kept = select_top_rho_tokens(scores, padding, rho=1.0)
+    selection = select_top_rho_tokens(scores, padding, rho=1.0)
+    inds, num_kept = selection.indices, selection.num_kept
+    assert selection.scores is scores
     assert inds.shape == (2, 10) and num_kept.tolist() == [10, 10]
     assert torch.equal(inds, scores.argsort(1, descending=True))

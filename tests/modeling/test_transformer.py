@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from sparse_detr.layers.mlp import MLP
-from sparse_detr.modeling.transformer import DeformableTransformer, encoder_output_proposals, valid_ratio
+from sparse_detr.modeling.heads import DetectionHeads, HeadLayout
+from sparse_detr.modeling.levels import valid_ratio
+from sparse_detr.modeling.transformer import DeformableTransformer, encoder_output_proposals
 
 
 def test_proposals_are_token_centred_boxes_of_the_valid_area():
@@ -30,8 +32,12 @@ def test_valid_ratio_is_w_then_h():
     assert torch.allclose(valid_ratio(mask), torch.tensor([[0.8, 0.75]]))
 
 
-def _heads(n, d=32, classes=3):
-    return nn.ModuleList(nn.Linear(d, classes) for _ in range(n)), nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n))
+def _heads(num_decoder_layers, two_stage=False, d=32, classes=3):
+    layout = HeadLayout(num_decoder_layers, two_stage)
+    n = len(layout)
+    return DetectionHeads(
+        nn.ModuleList(nn.Linear(d, classes) for _ in range(n)), nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n)), layout
+    )
 
 
 def _level_inputs(sizes, canvas=None, seed=0):
@@ -58,28 +64,27 @@ def test_dense_transformer_ignores_padding():
     t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
                               dropout=0.0, num_feature_levels=2, enc_n_points=2, dec_n_points=2, num_queries=5)
     query_embed = torch.randn(5, 64)
-    cls, box = _heads(2)
+    heads = _heads(2)
     sizes = [(4, 6), (2, 3)]
-    alone = t(*_level_inputs(sizes), query_embed, cls, box)
-    padded = t(*_level_inputs(sizes, canvas=[(6, 8), (3, 4)]), query_embed, cls, box)
-    assert torch.allclose(alone["hs"], padded["hs"], atol=1e-5)
-    assert torch.allclose(alone["references"][0], padded["references"][0], atol=1e-6)
+    alone = t(*_level_inputs(sizes), query_embed, heads)
+    padded = t(*_level_inputs(sizes, canvas=[(6, 8), (3, 4)]), query_embed, heads)
+    assert alone.selection is None and alone.proposals is None and alone.encoder_aux == []
+    assert torch.allclose(alone.decoder.hs, padded.decoder.hs, atol=1e-5)
+    assert torch.allclose(alone.decoder.references[0], padded.decoder.references[0], atol=1e-6)
 
 
 def test_two_stage_with_fewer_tokens_than_queries():
     torch.manual_seed(0)
     t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
-                              num_feature_levels=2, two_stage=True, num_queries=100, eff_query_init=True,
-                              token_selection=True)
-    cls, box = _heads(3)
-    out = t(*_level_inputs([(4, 6), (2, 3)]), None, cls, box, rho=0.5, refine_boxes=True)
-    assert out["hs"].shape == (2, 1, 30, 32)
-    assert out["topk_inds"].shape == (1, 16) and out["num_kept"].tolist() == [16]
-    assert out["references"][0].shape == (1, 30, 4)
-    with pytest.raises(ValueError, match="scoring network"):
-        DeformableTransformer(d_model=32, nhead=2, num_feature_levels=2, two_stage=True)(
-            *_level_inputs([(4, 6), (2, 3)]), None, cls, box, rho=0.5
-        )
+                              num_feature_levels=2, two_stage=True, num_queries=100, eff_query_init=True, rho=0.5)
+    out = t(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True), refine_boxes=True)
+    assert out.decoder.hs.shape == (2, 1, 30, 32)
+    assert out.selection.indices.shape == (1, 16) and out.selection.num_kept.tolist() == [16]
+    assert out.decoder.references[0].shape == (1, 30, 4)
+    assert out.proposals.logits.shape == (1, 30, 3) and out.proposals.boxes.shape == (1, 30, 4)
+    # test_rho applies in eval mode
+    t.test_rho = 0.1
+    assert t.eval()(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True)).selection.num_kept.tolist() == [4]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,10 @@ def test_two_stage_with_fewer_tokens_than_queries():
     [
         (dict(d_model=32, nhead=3), "NHEADS"),
         (dict(num_encoder_layers=0), "ENC_LAYERS"),
-        (dict(token_selection=True), "RHO > 0"),
+        (dict(rho=0.3), "RHO > 0"),
+        (dict(rho=1.2), "MODEL.SPARSE_DETR.RHO"),
+        (dict(test_rho=0.3), "scoring network"),
+        (dict(num_queries=0), "NUM_QUERIES"),
         (dict(eff_query_init=True), "EFF_QUERY_INIT"),
         (dict(eff_specific_head=True), "EFF_SPECIFIC_HEAD"),
     ],
@@ -96,3 +104,15 @@ def test_bad_arguments_name_the_config_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DeformableTransformer(**{"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
                                  **kwargs})
+
+
+def test_built_from_a_config_or_from_arguments(tiny_cfg):
+    cfg = tiny_cfg(TWO_STAGE=True, RHO=0.2, TEST_RHO=0.4, EFF_QUERY_INIT=True)
+    torch.manual_seed(0)
+    from_cfg = DeformableTransformer(cfg)
+    torch.manual_seed(0)
+    from_args = DeformableTransformer(**DeformableTransformer.from_config(cfg))
+    assert (from_cfg.d_model, from_cfg.rho, from_cfg.inference_rho, from_cfg.eff_query_init) == (32, 0.2, 0.4, True)
+    assert from_cfg.has_scoring_network and from_cfg.decoder.num_layers == 2
+    for (name, a), (_, b) in zip(from_cfg.state_dict().items(), from_args.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -8,7 +8,7 @@ shifts first and pads afterwards. Following the detection variant keeps released
 numerically exact on every image size.
 """
 import logging
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping
 
 import timm
 import torch
@@ -19,9 +19,10 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from .weights import load_weights_file
+from ...checkpoint.io import load_weights_file, state_dict_of
+from ...checkpoint.swin import swin_state_dict_to_timm
 
-__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict", "swin_state_dict_to_timm"]
+__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class TimmSwinBackbone(Backbone):
                 self.add_module(self._norm_name(stage), nn.LayerNorm(info["num_chs"]))
 
         if weights:
-            load_swin_state_dict(self, _read_checkpoint(weights), source=weights)
+            checkpoint = load_weights_file(weights, what="MODEL.SWIN.WEIGHTS")
+            load_swin_state_dict(self, state_dict_of(checkpoint), source=weights)
         self._freeze(frozen_stages)
 
     @classmethod
@@ -204,40 +206,6 @@ def _block_forward(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor
     x = x[:, :H, :W, :]
     x = shortcut + block.drop_path1(x)
     return x + block.drop_path2(block.mlp(block.norm2(x)))
-
-
-def _read_checkpoint(path: str) -> Mapping[str, torch.Tensor]:
-    checkpoint = load_weights_file(path, what="MODEL.SWIN.WEIGHTS")
-    for key in ("model", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            return checkpoint[key]
-    return checkpoint
-
-
-# Keys of ImageNet checkpoints that a backbone has no use for: classifier, its final norm, non-persistent buffers.
-_IGNORED_PREFIXES = ("head.", "norm.")
-_IGNORED_SUFFIXES = ("relative_position_index", "attn_mask")
-
-
-def swin_state_dict_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Swin weights in timm's or the official layout -> timm's names, without classifier or non-persistent buffers.
-
-    The official layout (``layers.i.downsample`` closing stage ``i``; recognized by ``layers.0.downsample``) has
-    its patch merging renamed to ``layers.{i+1}.downsample``, where timm opens the next stage with it.
-
-    Returns:
-        ``(renamed, layout)`` with ``layout`` "official" or "timm".
-    """
-    official = any(k.startswith("layers.0.downsample.") for k in state_dict)
-    renamed: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES):
-            continue
-        if official and key.startswith("layers.") and ".downsample." in key:
-            stage, rest = key[len("layers.") :].split(".", 1)
-            key = f"layers.{int(stage) + 1}.{rest}"
-        renamed[key] = value
-    return renamed, "official" if official else "timm"
 
 
 def load_swin_state_dict(

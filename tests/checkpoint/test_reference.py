@@ -1,9 +1,10 @@
-"""The reference checkpoint converter on synthetic reference-named checkpoints of tiny models.
+"""The reference checkpoint conversion (sparse_detr.checkpoint.reference) on synthetic reference-named checkpoints
+of tiny models.
 
 The reference-named state dict is written here by hand from our own model (inverse renaming, 80 -> 91 class rows
-with filler in the unused COCO ids, the reference's alias entries), so the tool is checked against an independent
-statement of the reference's layout. Its numerical agreement with the reference code itself is described in
-projects/SparseDETR/CONVERTING.md.
+with filler in the unused COCO ids, the reference's alias entries), so the conversion is checked against an
+independent statement of the reference's layout. Its numerical agreement with the reference code itself is
+described in projects/SparseDETR/CONVERTING.md.
 """
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
+from sparse_detr.checkpoint import convert_reference_checkpoint, convert_state_dict, reference_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -29,11 +31,6 @@ TINY = [
     "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
 ]  # fmt: skip
 FILLER = 1000.0  # value of the reference's rows for COCO ids detectron2 doesn't use
-
-
-@pytest.fixture(scope="module")
-def tool(load_tool):
-    return load_tool("convert_reference_checkpoint")
 
 
 def _coco_ids():
@@ -85,8 +82,8 @@ def _reference_state_dict(ours, cfg):
     return ref
 
 
-def _build(tool, config, num_classes, opts=()):
-    cfg = tool.setup_cfg(str(ROOT / "configs" / config), num_classes, TINY + list(opts))
+def _build(config, num_classes, opts=()):
+    cfg = reference_cfg(str(ROOT / "configs" / config), num_classes, TINY + list(opts))
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -106,12 +103,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("config, opts", CASES)
-def test_converts_to_our_exact_weights(tool, tmp_path, config, opts, capsys):
-    cfg, ours = _build(tool, config, 80, opts)
+def test_converts_to_our_exact_weights(tmp_path, config, opts):
+    cfg, ours = _build(config, 80, opts)
     src, dst = tmp_path / "reference.pth", tmp_path / "converted.pth"
     torch.save({"model": _reference_state_dict(ours, cfg), "epoch": 49}, src)
-    tool.main(["--config-file", str(ROOT / "configs" / config), str(src), str(dst), *TINY, *opts])
-    assert "fits" in capsys.readouterr().out
+    lines = convert_reference_checkpoint(str(src), str(dst), str(ROOT / "configs" / config), 80, [*TINY, *opts])
+    assert "fits" in lines[0]
 
     converted = torch.load(dst, weights_only=True)
     assert converted["num_classes"] == 80
@@ -121,9 +118,9 @@ def test_converts_to_our_exact_weights(tool, tmp_path, config, opts, capsys):
     assert not any((v == FILLER).any() for k, v in converted["model"].items() if k.startswith("class_embed."))
 
 
-def test_keeping_91_classes(tool, tmp_path):
+def test_keeping_91_classes(tmp_path):
     config = "r50/deformable_detr_bbr_two_stage.yaml"
-    cfg, ours91 = _build(tool, config, 91)
+    cfg, ours91 = _build(config, 91)
     src, dst = tmp_path / "reference.pth", tmp_path / "converted.pth"
     # with 91 classes our names and shapes are the reference's once the backbone and the aliases are renamed
     ref = {}
@@ -134,21 +131,21 @@ def test_keeping_91_classes(tool, tmp_path):
         if key.startswith(("class_embed.", "bbox_embed.")):
             ref["transformer.decoder." + key] = value
     torch.save({"model": ref}, src)
-    tool.main(["--config-file", str(ROOT / "configs" / config), "--num-classes", "91", str(src), str(dst), *TINY])
+    convert_reference_checkpoint(str(src), str(dst), str(ROOT / "configs" / config), 91, TINY)
     converted = torch.load(dst, weights_only=True)["model"]
     assert all(torch.equal(converted[k], v) for k, v in ours91.items())
 
 
-def test_class_rows_follow_coco_ids(tool):
+def test_class_rows_follow_coco_ids():
     """Row c of a converted head is the reference's row coco_id(c); the binary proposal head keeps row 0."""
-    cfg = tool.setup_cfg(str(ROOT / "configs" / "r50/deformable_detr_bbr_two_stage.yaml"), 80, TINY)
+    cfg = reference_cfg(str(ROOT / "configs" / "r50/deformable_detr_bbr_two_stage.yaml"), 80, TINY)
     rows = torch.arange(91, dtype=torch.float32)[:, None].expand(91, 3)
     ref = {
         "backbone.0.body.conv1.weight": torch.zeros(1),
         "class_embed.0.weight": rows,
         "class_embed.2.weight": rows,  # cfg.DEC_LAYERS = 2: the proposal head
     }
-    converted, _ = tool.convert_state_dict(ref, cfg, 80)
+    converted, _ = convert_state_dict(ref, cfg, 80)
     coco_ids = _coco_ids()
     assert converted["class_embed.0.weight"][:, 0].tolist() == coco_ids
     assert converted["class_embed.0.weight"][:3, 0].tolist() == [1, 2, 3]  # person, bicycle, car
@@ -156,32 +153,37 @@ def test_class_rows_follow_coco_ids(tool):
     assert converted["class_embed.2.weight"][:, 0].tolist() == [0] + coco_ids[1:]
 
 
-def test_errors_name_the_problem(tool, tmp_path):
+def test_errors_name_the_problem(tmp_path):
     config = "r50/sparse_detr_rho_0.1.yaml"
-    cfg, ours = _build(tool, config, 80)
+    cfg, ours = _build(config, 80)
     ref = _reference_state_dict(ours, cfg)
 
     broken = dict(ref)
     broken["transformer.encoder.class_embed.0.bias"] = broken["transformer.encoder.class_embed.0.bias"] + 1
     with pytest.raises(ValueError, match="alias transformer.encoder.class_embed.0.bias does not repeat class_embed"):
-        tool.convert_state_dict(broken, cfg, 80)
+        convert_state_dict(broken, cfg, 80)
+
+    # encoder aux aliases, but a config without the encoder aux heads
+    no_aux = reference_cfg(str(ROOT / "configs" / config), 80, TINY + ["MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False"])
+    with pytest.raises(ValueError, match=r"alias transformer\.(en|de)coder\.class_embed\.\d\..*USE_ENC_AUX_LOSS"):
+        convert_state_dict(ref, no_aux, 80)
 
     # a checkpoint of another row: the model of this config misses its scoring network
     dense = {k: v for k, v in ref.items() if not k.startswith("transformer.enc_mask_predictor.")}
     src = tmp_path / "dense.pth"
     torch.save({"model": dense}, src)
     with pytest.raises(ValueError, match=r"missing \['transformer.enc_mask_predictor"):
-        tool.main(["--config-file", str(ROOT / "configs" / config), str(src), str(tmp_path / "out.pth"), *TINY])
+        convert_reference_checkpoint(str(src), str(tmp_path / "out.pth"), str(ROOT / "configs" / config), 80, TINY)
 
     with pytest.raises(ValueError, match="not a checkpoint of the reference"):
-        tool.convert_state_dict({"class_embed.0.weight": torch.zeros(91, 2)}, cfg, 80)
+        convert_state_dict({"class_embed.0.weight": torch.zeros(91, 2)}, cfg, 80)
     with pytest.raises(FileNotFoundError, match="reference checkpoint"):
-        tool.main(["--config-file", str(ROOT / "configs" / config), str(tmp_path / "none.pth"), str(src)])
+        convert_reference_checkpoint(str(tmp_path / "none.pth"), str(src), str(ROOT / "configs" / config))
 
 
-def test_shared_head_with_binary_proposals_needs_91_classes(tool):
+def test_shared_head_with_binary_proposals_needs_91_classes():
     two_stage = TINY + ["MODEL.SPARSE_DETR.TWO_STAGE", "True"]
-    cfg = tool.setup_cfg(str(ROOT / "configs" / "r50/deformable_detr.yaml"), 80, two_stage)
+    cfg = reference_cfg(str(ROOT / "configs" / "r50/deformable_detr.yaml"), 80, two_stage)
     ref = {"backbone.0.body.conv1.weight": torch.zeros(1), "class_embed.0.weight": torch.zeros(91, 2)}
     with pytest.raises(ValueError, match="--num-classes 91"):
-        tool.convert_state_dict(ref, cfg, 80)
+        convert_state_dict(ref, cfg, 80)

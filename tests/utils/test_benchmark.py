@@ -1,16 +1,14 @@
+"""Throughput of several configs in one run (sparse_detr.utils.benchmark, behind projects/SparseDETR/benchmark.py)."""
 from pathlib import Path
 
 import pytest
 
+from sparse_detr import setup_cfg
+from sparse_detr.utils.benchmark import model_name, run_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64), random weights
 SPARSE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
-
-
-@pytest.fixture(scope="module")
-def tool(load_tool):
-    return load_tool("benchmark")
-
 
 
 @pytest.fixture
@@ -24,17 +22,14 @@ def dense_config(tmp_path):
     return str(path)
 
 
-def test_one_table_against_the_baseline(tool, dense_config, capsys):
-    out = tool.main(
-        ["--configs", SPARSE, "--baseline", dense_config, "--batch-sizes", "1", "2", "--warmup", "1",
-         "--iters", "2", "--input-size", "64", "96"]
-    )
+def test_one_table_against_the_baseline(dense_config):
+    out = run_benchmark([SPARSE], dense_config, batch_sizes=[1, 2], warmup=1, iters=2, input_size=[64, 96])
     # the baseline is added to the rows when --configs lacks it
     assert [r["model"] for r in out["rows"]] == ["Deformable DETR + BBR + two-stage", "Sparse DETR (rho=0.3)"]
     for row in out["rows"]:
         assert set(row["seconds_per_batch"]) == {1, 2}
         assert all(t > 0 for t in row["seconds_per_batch"].values())
-    printed = capsys.readouterr().out
+    printed = out["header"] + "\n" + out["table"]
     assert "random weights" in printed and "input 64x96" in printed and "fp32" in printed
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert "B1 s/img" in table[0] and "B2 speed-up" in table[0]
@@ -42,9 +37,9 @@ def test_one_table_against_the_baseline(tool, dense_config, capsys):
     assert "| 1.00x" in table[2]  # the baseline against itself
 
 
-def test_model_names(tool):
+def test_model_names():
     names = {
-        c: tool.model_name(tool.load_config(f"configs/r50/{c}.yaml", []))
+        c: model_name(setup_cfg(str(ROOT / f"configs/r50/{c}.yaml")))
         for c in ("deformable_detr", "deformable_detr_bbr_two_stage", "efficient_detr", "sparse_detr_rho_0.1")
     }
     assert names == {
@@ -53,12 +48,12 @@ def test_model_names(tool):
         "efficient_detr": "Efficient DETR",
         "sparse_detr_rho_0.1": "Sparse DETR (rho=0.1)",
     }
-    cfg = tool.load_config("configs/r50/sparse_detr_rho_0.1.yaml", ["MODEL.SPARSE_DETR.TEST_RHO", "0.3"])
-    assert tool.model_name(cfg) == "Sparse DETR (rho=0.3)"
+    cfg = setup_cfg(str(ROOT / "configs/r50/sparse_detr_rho_0.1.yaml"), ["MODEL.SPARSE_DETR.TEST_RHO", "0.3"])
+    assert model_name(cfg) == "Sparse DETR (rho=0.3)"
 
 
-def test_bad_arguments(tool):
+def test_bad_arguments():
     with pytest.raises(ValueError, match="--iters"):
-        tool.main(["--configs", SPARSE, "--baseline", SPARSE, "--iters", "0"])
+        run_benchmark([SPARSE], SPARSE, iters=0)
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
-        tool.main(["--configs", "no_such.yaml"])
+        run_benchmark(["no_such.yaml"], SPARSE, root=str(ROOT))

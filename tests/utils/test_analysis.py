@@ -1,3 +1,5 @@
+"""Parameter and FLOP accounting (sparse_detr.utils.analysis) and the reports of analyze_model.py built on it
+(sparse_detr.utils.analysis_tables)."""
 import logging
 from pathlib import Path
 
@@ -5,11 +7,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from sparse_detr import add_sparse_detr_config
+from sparse_detr import setup_cfg
 from sparse_detr.layers import ms_deform_attn_available
 from sparse_detr.layers.multi_scale_deform_attn import MSDeformAttn
 from sparse_detr.utils.analysis import (
@@ -19,6 +20,7 @@ from sparse_detr.utils.analysis import (
     random_input,
     training_only_head_flops,
 )
+from sparse_detr.utils.analysis_tables import analyze_flops, analyze_parameters
 from sparse_detr.utils.flop_count import MS_DEFORM_ATTN_OP, FlopCountAnalysis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,17 +31,8 @@ DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "
 H, W = 64, 96
 
 
-@pytest.fixture(scope="module")
-def tool(load_tool):
-    return load_tool("analyze_model")
-
-
-
 def _model(opts=()):
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
+    cfg = setup_cfg(CONFIG, opts)
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -79,7 +72,7 @@ def test_flops_count_the_deformable_attention_op(opts, caplog):
     assert parts["backbone"] > 0 and parts["encoder"] > 0 and parts["decoder"] > 0
     assert parts.get("encoder aux heads", 0) == 0  # not run at inference
     assert 0 <= parts["other"] < 0.01 * parts["total"]
-    assert ("token scoring" in parts) == (opts == [])
+    assert ("scoring network" in parts) == (opts == [])
 
 
 def test_training_only_heads():
@@ -95,8 +88,8 @@ def test_training_only_heads():
     assert extra["intermediate decoder heads"] == (model.transformer.decoder.num_layers - 1) * model.num_queries * head
 
 
-def test_parameter_task_counts_trainable_parameters(tool):
-    result = tool.main(["--config-file", CONFIG, "--tasks", "parameter"])["parameter"]
+def test_parameter_task_counts_trainable_parameters():
+    result = analyze_parameters(setup_cfg(CONFIG))
     model = _model()
     assert result["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert result["all"] == sum(p.numel() for p in model.parameters())
@@ -104,17 +97,17 @@ def test_parameter_task_counts_trainable_parameters(tool):
     assert parts["encoder aux heads"] > 0 and parts["other"] == model.transformer.level_embed.numel()
 
 
-def test_flop_task_approximate_adds_training_heads(tool):
-    out = tool.main(["--config-file", CONFIG, "--tasks", "flop", "--approximate", "--input-size", str(H), str(W)])
+def test_flop_task_approximate_adds_training_heads():
+    out = analyze_flops(setup_cfg(CONFIG), approximate=True, input_size=(H, W))
     model = _model()
     with torch.no_grad():
         total = FlopCountAnalysis(model, [random_input(H, W)]).total()
     extra = training_only_head_flops(model, num_kept_tokens(model, [random_input(H, W)]))
-    assert out["flop"]["gflops"] == pytest.approx(total / 1e9)
-    assert out["flop"]["gflops_with_training_heads"] == pytest.approx((total + sum(extra.values())) / 1e9)
+    assert out["gflops"] == pytest.approx(total / 1e9)
+    assert out["gflops_with_training_heads"] == pytest.approx((total + sum(extra.values())) / 1e9)
 
 
-def test_flop_task_dataset_mean(tool, tmp_path):
+def test_flop_task_dataset_mean(tmp_path):
     # two images already at the test size (shorter side 64, longer <= 96), so the mapper does not resize them
     sizes = [(64, 96), (64, 64)]
     dicts = []
@@ -124,19 +117,18 @@ def test_flop_task_dataset_mean(tool, tmp_path):
         dicts.append({"file_name": path, "image_id": i, "height": h, "width": w})
     DatasetCatalog.register("analyze_model_tiny", lambda: dicts)
     try:
-        argv = ["--config-file", CONFIG, "--tasks", "flop", "-n", "5", "DATASETS.TEST", "('analyze_model_tiny',)"]
-        out = tool.main(argv)
+        cfg = setup_cfg(CONFIG, ["DATASETS.TEST", "('analyze_model_tiny',)"])
+        out = analyze_flops(cfg, approximate=False, num_inputs=5)
     finally:
         DatasetCatalog.remove("analyze_model_tiny")
     model = _model()
     with torch.no_grad():
         expected = np.mean([FlopCountAnalysis(model, [random_input(h, w)]).total() for h, w in sizes])
-    assert out["flop"]["gflops"] == pytest.approx(expected / 1e9)
+    assert out["gflops"] == pytest.approx(expected / 1e9)
 
 
-def test_bad_arguments(tool):
-    with pytest.raises(ValueError, match="one process"):
-        tool.main(["--config-file", CONFIG, "--tasks", "parameter", "--eval-only"])
+def test_bad_arguments():
+    # analyze_model.py's own arguments (--eval-only, --num-gpus): tests/projects/test_command_lines.py
     with pytest.raises(ValueError, match="height and width"):
         random_input(0, 10)
 
@@ -146,11 +138,9 @@ def test_bad_arguments(tool):
     [("configs/r50/sparse_detr_rho_0.1.yaml", 41_714_805, 40_934_810),
      ("configs/swin_t/sparse_detr_rho_0.1.yaml", 42_176_153, 41_396_158)],
 )
-def test_parameter_counts_of_the_paper_rows(tool, config, trainable, without_aux):
+def test_parameter_counts_of_the_paper_rows(config, trainable, without_aux):
     # the reference's counts with 91 classes; the paper's 40.9M / 41.4M leave out the encoder aux heads
-    argv = ["--tasks", "parameter", "--config-file", str(ROOT / config), "MODEL.SPARSE_DETR.NUM_CLASSES", "91"]
-    out = tool.main(argv)
-    assert out["parameter"]["trainable"] == trainable
-    cfg = tool.setup(tool.get_parser().parse_args(argv))
+    cfg = setup_cfg(str(ROOT / config), ["MODEL.SPARSE_DETR.NUM_CLASSES", "91"])
+    assert analyze_parameters(cfg)["trainable"] == trainable
     parts = parameter_breakdown(build_model(cfg))
     assert parts["total"] - parts["encoder aux heads"] == without_aux

@@ -1,3 +1,4 @@
+"""torchvision and SCRL ResNets converted to detectron2 backbone weights (sparse_detr.checkpoint.resnet)."""
 import pickle
 from pathlib import Path
 
@@ -12,13 +13,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import sparse_detr.modeling  # noqa: F401  (registers the meta-architecture)
 from sparse_detr import add_sparse_detr_config
+from sparse_detr.checkpoint import convert_resnet_file, resnet_checkpoint_to_detectron2, write_detectron2_weights
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tool(load_tool):
-    return load_tool("convert_scrl")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def torchvision_r50() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def scrl_model() -> nn.Module:
-    """The SCRL row's model, full size (its MODEL.WEIGHTS is what the tool writes)."""
+    """The SCRL row's model, full size (its MODEL.WEIGHTS is what the conversion writes)."""
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
     cfg.merge_from_file(str(ROOT / "configs" / "scrl" / "sparse_detr_rho_0.1.yaml"))
@@ -59,19 +56,19 @@ def _scrl_checkpoint(state_dict):
     return {"online_network_state_dict": online, "target_network_state_dict": {"encoder.0.weight": torch.zeros(1)}}
 
 
-def _convert(tool, tmp_path, checkpoint, name="r50"):
+def _convert(tmp_path, checkpoint, name="r50"):
+    """(the written .pkl, the summary line)"""
     src, dst = tmp_path / f"{name}.pth", tmp_path / f"{name}.pkl"
     torch.save(checkpoint, src)
-    tool.main([str(src), str(dst)])
-    return dst
+    return dst, convert_resnet_file(str(src), str(dst))
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "SCRL"])
-def test_converted_weights_load_and_compute_as_torchvision(tool, torchvision_r50, scrl_model, tmp_path, fmt, capsys):
+def test_converted_weights_load_and_compute_as_torchvision(torchvision_r50, scrl_model, tmp_path, fmt):
     state = torchvision_r50.state_dict()
     checkpoint = state if fmt == "torchvision" else _scrl_checkpoint(state)
-    path = _convert(tool, tmp_path, checkpoint)
-    assert f"{fmt} ResNet-50: 265 tensors converted" in capsys.readouterr().out
+    path, summary = _convert(tmp_path, checkpoint)
+    assert f"{fmt} ResNet-50: 265 tensors converted" in summary
     with open(path, "rb") as f:
         data = pickle.load(f)
     assert data["__author__"] == fmt and data["matching_heuristics"] is True
@@ -102,36 +99,37 @@ def test_converted_weights_load_and_compute_as_torchvision(tool, torchvision_r50
             torch.testing.assert_close(ours[name], y, rtol=0, atol=1e-5 * float(y.abs().max()))
 
 
-def test_checkpoint_wrapped_under_state_dict(tool, torchvision_r50):
-    renamed, fmt, _ = tool.convert({"state_dict": torchvision_r50.state_dict()})
+def test_checkpoint_wrapped_under_state_dict(torchvision_r50):
+    renamed, fmt, _ = resnet_checkpoint_to_detectron2({"state_dict": torchvision_r50.state_dict()})
     assert fmt == "torchvision"
     assert "res5.2.conv3.norm.running_var" in renamed and "res2.0.shortcut.norm.weight" in renamed
     assert not any(k.startswith("fc") or k.endswith("num_batches_tracked") for k in renamed)
 
 
-def test_unknown_keys_are_errors(tool, torchvision_r50):
+def test_unknown_keys_are_errors(torchvision_r50):
     state = dict(torchvision_r50.state_dict())
     state["layer2.0.se.fc1.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="not torchvision ResNet names.*layer2.0.se.fc1.weight"):
-        tool.convert(state)
+        resnet_checkpoint_to_detectron2(state)
     scrl = _scrl_checkpoint(torchvision_r50.state_dict())
     scrl["online_network_state_dict"]["encoder.8.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="encoder.8"):
-        tool.convert(scrl)
+        resnet_checkpoint_to_detectron2(scrl)
 
 
-def test_missing_keys_are_errors(tool, torchvision_r50):
+def test_missing_keys_are_errors(torchvision_r50):
     state = dict(torchvision_r50.state_dict())
     del state["layer3.1.bn2.running_var"]
     with pytest.raises(ValueError, match="res4.1.conv2.norm.running_var"):
-        tool.convert(state)
+        resnet_checkpoint_to_detectron2(state)
     state = {k: v for k, v in torchvision_r50.state_dict().items() if not k.startswith("layer3.5.")}
     with pytest.raises(ValueError, match=r"blocks per layer \(3, 4, 5, 3\)"):
-        tool.convert(state)
+        resnet_checkpoint_to_detectron2(state)
 
 
-def test_output_must_be_pkl_and_input_must_exist(tool, tmp_path):
-    with pytest.raises(SystemExit):
-        tool.main([str(tmp_path / "a.pth"), str(tmp_path / "b.pth")])
+def test_output_must_be_pkl_and_input_must_exist(tmp_path):
+    # the command line refuses a .pth output before reading anything: tests/projects/test_command_lines.py
+    with pytest.raises(ValueError, match=r"\.pkl file, got .*b\.pth"):
+        write_detectron2_weights({}, str(tmp_path / "b.pth"), author="torchvision")
     with pytest.raises(FileNotFoundError, match="input checkpoint.*missing.pth"):
-        tool.main([str(tmp_path / "missing.pth"), str(tmp_path / "b.pkl")])
+        convert_resnet_file(str(tmp_path / "missing.pth"), str(tmp_path / "b.pkl"))

@@ -1,8 +1,12 @@
+"""Pictures of detections, saliency and kept tokens (sparse_detr.utils.demo, behind projects/SparseDETR/demo.py)."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+from sparse_detr import setup_cfg
+from sparse_detr.utils.demo import Demo, expand_inputs, run_demo, run_images, run_video
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
@@ -10,12 +14,6 @@ CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
          "MODEL.SPARSE_DETR.EFF_QUERY_INIT", "False", "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD", "False"]
 H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at the input size
-
-
-@pytest.fixture(scope="module")
-def tool(load_tool):
-    return load_tool("demo")
-
 
 
 def _image(seed=0):
@@ -36,11 +34,10 @@ def _write_images(tmp_path, n):
     return paths
 
 
-def test_sparse_model_picture_has_detections_and_per_level_panels(tool, tmp_path):
+def test_sparse_model_picture_has_detections_and_per_level_panels(tmp_path):
     (src,) = _write_images(tmp_path, 1)
     out = tmp_path / "out.png"
-    written = tool.main(["--config-file", CONFIG, "--input", str(src), "--output", str(out),
-                         "--confidence-threshold", "0.0"])
+    written = run_images(Demo(setup_cfg(CONFIG), confidence_threshold=0.0), [str(src)], str(out))
     assert written == [str(out)]
     figure = cv2.imread(str(out))
     assert figure is not None
@@ -59,22 +56,22 @@ def test_sparse_model_picture_has_detections_and_per_level_panels(tool, tmp_path
     assert all(b + d > 0.99 for b, d in zip(bright, dimmed))
 
 
-def test_dense_model_and_glob_inputs(tool, tmp_path):
+def test_dense_model_and_glob_inputs(tmp_path):
     _write_images(tmp_path, 2)
-    written = tool.main(["--config-file", CONFIG, "--input", str(tmp_path / "in" / "*.png"),
-                         "--output", str(tmp_path / "out"), "--confidence-threshold", "0.0"] + DENSE)
+    demo = Demo(setup_cfg(CONFIG, DENSE), confidence_threshold=0.0)
+    written = run_images(demo, expand_inputs([str(tmp_path / "in" / "*.png")]), str(tmp_path / "out"))
     assert sorted(Path(p).name for p in written) == ["img0.png", "img1.png"]
     for path in written:
         assert cv2.imread(path).shape == (H, W, 3)  # detections only
 
 
-def test_video(tool, tmp_path):
+def test_video(tmp_path):
     video = str(tmp_path / "clip.mp4")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (W, H))
     for i in range(3):
         writer.write(_image(i))
     writer.release()
-    (out,) = tool.main(["--config-file", CONFIG, "--video-input", video, "--output", str(tmp_path / "vis")])
+    out = run_video(Demo(setup_cfg(CONFIG), confidence_threshold=0.5), video, str(tmp_path / "vis"))
     capture = cv2.VideoCapture(out)
     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     ok, frame = capture.read()
@@ -82,10 +79,10 @@ def test_video(tool, tmp_path):
     assert frames == 3 and ok and frame.shape == (2 * (H + 22), 5 * W, 3)
 
 
-def test_bad_arguments(tool, tmp_path):
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
-        tool.main(["--config-file", CONFIG, "--output", str(tmp_path)])
+        run_demo(setup_cfg(CONFIG), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nothing_here"):
-        tool.main(["--config-file", CONFIG, "--input", str(tmp_path / "nothing_here*.jpg"), "--output", str(tmp_path)])
+        expand_inputs([str(tmp_path / "nothing_here*.jpg")])
     with pytest.raises(ValueError, match="confidence-threshold"):
-        tool.main(["--config-file", CONFIG, "--input", "x", "--output", str(tmp_path), "--confidence-threshold", "2"])
+        Demo(setup_cfg(CONFIG), confidence_threshold=2)

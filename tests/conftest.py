@@ -1,4 +1,7 @@
-"""Tiny SparseDETR configs and inputs for the modeling tests (detectron2 ResNet-18, 32-dim transformer)."""
+"""Fixtures shared by the whole suite: one intra-op thread, a tiny SparseDETR config and inputs, a machine without
+a GPU."""
+import logging
+from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
@@ -6,12 +9,16 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import Boxes, Instances
 
+import sparse_detr.config
 from sparse_detr import add_sparse_detr_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded machine the spinning threads make these
-    tests ~20x slower; restored afterwards so other test directories keep their setting."""
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and when the cores are oversubscribed the spinning threads
+    make the tests many times slower; restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -20,10 +27,13 @@ def _single_thread():
 
 @pytest.fixture
 def tiny_cfg() -> Callable[..., CfgNode]:
+    """``make(**sparse_detr)``: detectron2 ResNet-18, 32-dim transformer, 5 classes, on the CPU; keyword arguments
+    set ``MODEL.SPARSE_DETR`` keys."""
+
     def make(**sparse_detr) -> CfgNode:
         cfg = get_cfg()
         add_sparse_detr_config(cfg)
-        cfg.merge_from_file("configs/Base-SparseDETR.yaml")
+        cfg.merge_from_file(str(ROOT / "configs" / "Base-SparseDETR.yaml"))
         cfg.MODEL.DEVICE = "cpu"
         cfg.MODEL.RESNETS.DEPTH = 18
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
@@ -48,6 +58,9 @@ def tiny_cfg() -> Callable[..., CfgNode]:
 
 @pytest.fixture
 def tiny_inputs() -> Callable[..., List[Dict]]:
+    """``make(sizes, num_boxes, seed)``: detectron2 training inputs, images ``[3, H, W]`` of random pixels in
+    [0, 255) with random boxes of classes 0..4."""
+
     def make(
         sizes: Sequence[Tuple[int, int]] = ((64, 96), (80, 64)), num_boxes: Sequence[int] = (2, 1), seed: int = 0
     ) -> List[Dict]:
@@ -64,3 +77,14 @@ def tiny_inputs() -> Callable[..., List[Dict]]:
         return inputs
 
     return make
+
+
+@pytest.fixture
+def no_gpu(monkeypatch, caplog) -> pytest.LogCaptureFixture:
+    """A machine without CUDA, on which the device policy has warned about nothing yet; its warnings are captured."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sparse_detr.config, "_warned_devices", set())
+    # train_net's setup_logger(name="sparse_detr") stops propagation to the root logger, where caplog listens
+    monkeypatch.setattr(logging.getLogger("sparse_detr"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="sparse_detr.config")
+    return caplog
