@@ -206,6 +206,8 @@ def environment(run: Run, record: Dict[str, Any]) -> bool:
         record[key] = text.splitlines()[0] if text else None
     with open(run.log_path("setup"), "a") as f:
         f.write(json.dumps(record, indent=1) + "\n")
+        if not (run.plan.dry or record["cuda_available"]):
+            f.write("[gpu_check] torch sees no GPU here: nothing to check (DRY_RUN=1 runs the steps on the CPU)\n")
     return run.plan.dry or record["cuda_available"]
 
 

@@ -1,4 +1,5 @@
-"""`make gpu-check DRY_RUN=1`: the GPU check's steps on the CPU with tiny sizes, so that the script cannot rot."""
+"""scripts/gpu_check.py (`make gpu-check`): its dry run on the CPU with tiny sizes, so that the script cannot rot, and
+how it reports a spent time budget and a machine without a GPU."""
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_detr.layers import ms_deform_attn_available
 
@@ -60,3 +62,14 @@ def test_a_spent_budget_is_reported_and_fails(tmp_path):
     assert summary["steps"] == [{"step": "environment", "log": "setup.log", "status": "not run",
                                  "detail": "the time budget was spent", "seconds": 0.0}]
     assert "not run" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the real check would run")
+def test_without_a_gpu_the_check_stops_after_recording_the_environment(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("environment", "failed")]
+    assert summary["environment"]["torch"] == torch.__version__ and not summary["environment"]["cuda_available"]
+    assert "torch sees no GPU" in (tmp_path / "setup.log").read_text()
