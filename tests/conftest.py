@@ -97,7 +97,7 @@ def no_gpu(monkeypatch, caplog) -> pytest.LogCaptureFixture:
 OWN_CATEGORIES = ((3, "red"), (7, "green"), (9, "blue"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def own_coco_dataset() -> Callable[..., Tuple[str, str]]:
     """``make(root, num_images, seed)``: a COCO-format json and its JPEG images under ``root`` (as a user's own data:
     80 x 64 images with 1-3 rectangles of the classes of :data:`OWN_CATEGORIES`); returns (json_file, image_root)."""
