@@ -137,7 +137,8 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
         while to_kill:
             for name in to_kill:
                 log = tmp_path / f"{name}.jsonl"
-                if log.exists() and '"iteration": 4,' in log.read_text():  # robust to a line being written
+                text = log.read_text() if log.exists() else ""
+                if '"iteration": 4,' in text[: text.rfind("\n") + 1]:  # complete lines only: one may be half-written
                     os.killpg(procs[name].pid, signal.SIGKILL)
                     procs[name].communicate()
                     to_kill.remove(name)
