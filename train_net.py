@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 # Must be set before torch loads OpenMP; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -28,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 import sparse_detr  # noqa: F401  registers the meta-architecture, the backbones and the synthetic datasets
 from sparse_detr import setup_cfg
+from sparse_detr.checkpoint import SparseDetrCheckpointer
 from sparse_detr.data.build import load_dataset_dicts
 from sparse_detr.engine import Trainer
 
@@ -47,10 +47,12 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             logging.getLogger("detectron2").warning("MODEL.WEIGHTS is empty: evaluating a randomly initialized model")
-        for name in cfg.DATASETS.TEST:
-            load_dataset_dicts([name])  # fail on a bad dataset before building the model
+        for name in cfg.DATASETS.TEST:  # fail on a bad dataset before building the model
+            load_dataset_dicts(
+                [name], num_classes=cfg.MODEL.SPARSE_DETR.NUM_CLASSES, check_images=cfg.DATALOADER.CHECK_IMAGES
+            )
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        SparseDetrCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -12,6 +12,8 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .data.datasets import register_coco_instances_from_config
+
 __all__ = ["add_sparse_detr_config", "merge_opts", "resolve_device", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
@@ -22,16 +24,18 @@ _warned_devices: Set[str] = set()
 
 def setup_cfg(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True) -> CN:
     """The config of a tool: detectron2's defaults, this project's keys, ``config_file``, then the command line's
-    ``KEY VALUE`` overrides ``opts``, with :func:`resolve_device` applied.
+    ``KEY VALUE`` overrides ``opts``, with :func:`resolve_device` applied. The COCO-format datasets of
+    ``DATASETS.REGISTER_COCO_INSTANCES`` are registered here, so every tool can use them by name.
 
     Raises:
         KeyError: naming a key of ``config_file`` or ``opts`` that no config defines.
-        ValueError: for an odd number of ``opts``.
+        ValueError: for an odd number of ``opts``, or a bad ``DATASETS.REGISTER_COCO_INSTANCES`` entry.
     """
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
     cfg.merge_from_file(config_file)  # unknown keys raise here, before anything runs
     merge_opts(cfg, opts)
+    register_coco_instances_from_config(cfg)
     cfg = resolve_device(cfg)
     if freeze:
         cfg.freeze()
@@ -85,6 +89,7 @@ def add_sparse_detr_config(cfg: CN) -> None:
     _add_swin_config(cfg)
     _add_solver_config(cfg)
     _add_data_config(cfg)
+    _add_own_data_config(cfg)
 
 
 def _add_model_config(cfg: CN) -> None:
@@ -171,3 +176,13 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATALOADER.CACHE_IMAGES = False
     # Shorter-side sizes of the resize before the random crop (the reference's RandomResize([400, 500, 600])).
     cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
+
+
+def _add_own_data_config(cfg: CN) -> None:
+    # COCO-format datasets of your own, registered by setup_cfg under their names (then usable in DATASETS.TRAIN
+    # and DATASETS.TEST): a list of (name, json_file, image_root), as detectron2's register_coco_instances takes.
+    # MODEL.SPARSE_DETR.NUM_CLASSES must equal the number of categories of every dataset trained or evaluated on.
+    cfg.DATASETS.REGISTER_COCO_INSTANCES = []
+    # Decode every image of DATASETS.TRAIN and DATASETS.TEST before training starts, and fail with the list of
+    # those that cannot be decoded (otherwise a broken file stops the run when it is first drawn).
+    cfg.DATALOADER.CHECK_IMAGES = False

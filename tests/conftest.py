@@ -1,9 +1,12 @@
 """Fixtures shared by the whole suite: one intra-op thread, a tiny SparseDETR config and inputs, a machine without
-a GPU."""
+a GPU, a COCO-format dataset of one's own on disk."""
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -88,3 +91,37 @@ def no_gpu(monkeypatch, caplog) -> pytest.LogCaptureFixture:
     monkeypatch.setattr(logging.getLogger("sparse_detr"), "propagate", True)
     caplog.set_level(logging.WARNING, logger="sparse_detr.config")
     return caplog
+
+
+# (COCO category id, name): ids that are not 1..n, as a user's json may have them
+OWN_CATEGORIES = ((3, "red"), (7, "green"), (9, "blue"))
+
+
+@pytest.fixture(scope="session")
+def own_coco_dataset() -> Callable[..., Tuple[str, str]]:
+    """``make(root, num_images, seed)``: a COCO-format json and its JPEG images under ``root`` (as a user's own data:
+    80 x 64 images with 1-3 rectangles of the classes of :data:`OWN_CATEGORIES`); returns (json_file, image_root)."""
+
+    def make(root: Path, num_images: int = 4, seed: int = 0) -> Tuple[str, str]:
+        rng = np.random.default_rng(seed)
+        image_root = root / "images"
+        image_root.mkdir(parents=True)
+        colours = {3: (0, 0, 255), 7: (0, 255, 0), 9: (255, 0, 0)}  # BGR
+        images, annotations = [], []
+        for i in range(num_images):
+            image = np.full((64, 80, 3), 90, dtype=np.uint8)
+            for _ in range(rng.integers(1, 4)):
+                cat = int(rng.choice([c for c, _ in OWN_CATEGORIES]))
+                x, y = int(rng.integers(0, 50)), int(rng.integers(0, 34))
+                w, h = int(rng.integers(12, 30)), int(rng.integers(12, 30))
+                cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colours[cat], thickness=-1)
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            cv2.imwrite(str(image_root / f"{i:04d}.jpg"), image)
+            images.append({"id": i + 1, "file_name": f"{i:04d}.jpg", "height": 64, "width": 80})
+        categories = [{"id": c, "name": n} for c, n in OWN_CATEGORIES]
+        json_file = root / "annotations.json"
+        json_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+        return str(json_file), str(image_root)
+
+    return make

@@ -1,8 +1,10 @@
-"""Checkpoint files and conversions: reading local weight files, torchvision/SCRL ResNets to detectron2 backbone
-weights, the official Swin layout to timm's, and checkpoints of the reference implementation to this model.
+"""Checkpoint files and conversions: the checkpointer of training and evaluation, reading local weight files,
+torchvision/SCRL ResNets to detectron2 backbone weights, the official Swin layout to timm's, and checkpoints of the
+reference implementation to this model.
 
 The command lines over them are projects/SparseDETR/convert_scrl.py and convert_reference_checkpoint.py.
 """
+from .checkpointer import SparseDetrCheckpointer
 from .io import load_weights_file, state_dict_of
 from .reference import (
     REFERENCE_NUM_CLASSES,
@@ -24,6 +26,7 @@ from .swin import swin_state_dict_to_timm
 
 __all__ = [
     "REFERENCE_NUM_CLASSES",
+    "SparseDetrCheckpointer",
     "check_against_model",
     "coco_contiguous_to_id",
     "convert_reference_checkpoint",

@@ -9,7 +9,9 @@ still holds the whole cache once.
 """
 import io
 import logging
-from typing import Any, Dict, List
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -17,7 +19,7 @@ from PIL import Image
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["IMAGE_BYTES_KEY", "attach_image_bytes", "read_image"]
+__all__ = ["IMAGE_BYTES_KEY", "attach_image_bytes", "read_image", "undecodable_images"]
 
 IMAGE_BYTES_KEY = "image_bytes"
 
@@ -40,9 +42,32 @@ def read_image(dataset_dict: Dict[str, Any], image_format: str) -> np.ndarray:
 
     Returns:
         [H, W, C] uint8 array in ``image_format`` (as :func:`detectron2.data.detection_utils.read_image`).
+    Raises:
+        OSError: naming ``file_name``, whatever failed (PIL's errors, e.g. "image file is truncated", do not).
     """
     data = dataset_dict.pop(IMAGE_BYTES_KEY, None)
-    if data is None:
-        return utils.read_image(dataset_dict["file_name"], format=image_format)
-    image = utils._apply_exif_orientation(Image.open(io.BytesIO(data)))
-    return utils.convert_PIL_to_numpy(image, image_format)
+    file_name = dataset_dict["file_name"]
+    try:
+        if data is None:
+            return utils.read_image(file_name, format=image_format)
+        image = utils._apply_exif_orientation(Image.open(io.BytesIO(data)))
+        return utils.convert_PIL_to_numpy(image, image_format)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise OSError(f"Cannot decode image {file_name}: {type(e).__name__}: {e}") from e
+
+
+def undecodable_images(file_names: Sequence[str]) -> List[str]:
+    """``"file_name (error)"`` of each image that :func:`read_image` cannot decode, in the order given.
+
+    Decodes on a thread per core (PIL releases the GIL while it decodes).
+    """
+
+    def error(file_name: str) -> Optional[str]:
+        try:
+            read_image({"file_name": file_name}, "RGB")
+        except OSError as e:
+            return f"{file_name} ({e.__cause__.__class__.__name__}: {e.__cause__})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return [e for e in pool.map(error, file_names) if e is not None]

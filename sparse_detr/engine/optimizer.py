@@ -1,6 +1,7 @@
 """The reference's optimizer: three learning rates by parameter name, and gradient clipping over the whole model."""
 import logging
-from typing import Any, Dict, Iterable, List, Sequence, Type
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Type
 
 import torch
 from torch import nn
@@ -8,7 +9,7 @@ from torch import nn
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-__all__ = ["get_detr_param_groups", "full_model_gradient_clipping", "build_optimizer"]
+__all__ = ["build_optimizer", "check_optimizer_state", "full_model_gradient_clipping", "get_detr_param_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     "value"/"norm".
     """
     s = cfg.SOLVER
+    if not (s.BASE_LR > 0 and math.isfinite(s.BASE_LR)):
+        raise ValueError(f"SOLVER.BASE_LR must be a finite number > 0, got {s.BASE_LR}")
     groups = get_detr_param_groups(
         model,
         base_lr=s.BASE_LR,
@@ -104,3 +107,25 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         return optimizer_type(groups, lr=s.BASE_LR, **kwargs)
     # detectron2's per-parameter clipping (raises on an unknown CLIP_TYPE).
     return maybe_add_gradient_clipping(cfg, optimizer_type)(groups, lr=s.BASE_LR, **kwargs)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """Check that the saved ``state_dict`` of ``optimizer`` (from a checkpoint) fits its parameters, before
+    ``optimizer.load_state_dict`` takes it.
+
+    torch checks the number of parameters per group, not their shapes: after a config change that alters a
+    parameter's shape, AdamW's fused step would consume moments of the old shape (NaN losses, then a segfault).
+
+    Raises:
+        ValueError: naming the parameter (its name in ``model``) and both shapes.
+    """
+    names = {p: n for n, p in model.named_parameters()}
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        for param, index in zip(group["params"], saved["params"]):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"Cannot resume: the optimizer's {key} of parameter '{names.get(param, index)}' has shape "
+                        f"{tuple(value.shape)} in the checkpoint but the parameter has {tuple(param.shape)}; a "
+                        "resumed run must keep the config that shapes the model"
+                    )

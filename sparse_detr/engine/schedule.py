@@ -1,11 +1,37 @@
-"""Keeping a schedule's length in epochs when the total batch size changes."""
+"""The training schedule: its iteration counts checked, and kept in epochs when the total batch size changes."""
 import logging
 
 from detectron2.config import CfgNode
 
-__all__ = ["scale_schedule_to_batch_size"]
+__all__ = ["check_schedule", "scale_schedule_to_batch_size"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_schedule(cfg: CfgNode) -> None:
+    """The iteration counts of a training schedule, as written, before anything reads them.
+
+    Raises:
+        ValueError: naming the key and its allowed range: ``SOLVER.MAX_ITER`` >= 1, ``SOLVER.STEPS`` increasing
+            within [1, MAX_ITER - 1] (detectron2 would ignore later steps, or fail at MAX_ITER),
+            ``SOLVER.WARMUP_ITERS`` >= 0, ``SOLVER.CHECKPOINT_PERIOD`` >= 1, ``TEST.EVAL_PERIOD`` >= 0 (0 = only
+            after training).
+    """
+    s = cfg.SOLVER
+    if s.MAX_ITER < 1:
+        raise ValueError(f"SOLVER.MAX_ITER must be >= 1, got {s.MAX_ITER}")
+    steps = list(s.STEPS)
+    if any(not 1 <= x < s.MAX_ITER for x in steps) or steps != sorted(set(steps)):
+        raise ValueError(
+            f"SOLVER.STEPS must be increasing iterations within [1, SOLVER.MAX_ITER - 1] = [1, {s.MAX_ITER - 1}], "
+            f"got {tuple(steps)} (shortening MAX_ITER? set SOLVER.STEPS too, e.g. '()' for no lr drop)"
+        )
+    if s.WARMUP_ITERS < 0:
+        raise ValueError(f"SOLVER.WARMUP_ITERS must be >= 0, got {s.WARMUP_ITERS}")
+    if s.CHECKPOINT_PERIOD < 1:
+        raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got {s.CHECKPOINT_PERIOD}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate after training only), got {cfg.TEST.EVAL_PERIOD}")
 
 
 def scale_schedule_to_batch_size(cfg: CfgNode) -> CfgNode:
@@ -20,7 +46,10 @@ def scale_schedule_to_batch_size(cfg: CfgNode) -> CfgNode:
 
     Returns:
         A rescaled copy (frozen if ``cfg`` was), or ``cfg`` itself when there is nothing to do.
+    Raises:
+        ValueError: see :func:`check_schedule`.
     """
+    check_schedule(cfg)
     ref, bs = cfg.SOLVER.REFERENCE_BATCH_SIZE, cfg.SOLVER.IMS_PER_BATCH
     if ref < 0 or bs <= 0:
         raise ValueError(f"need SOLVER.REFERENCE_BATCH_SIZE >= 0 and SOLVER.IMS_PER_BATCH > 0, got {ref}, {bs}")

@@ -2,12 +2,11 @@
 import logging
 import os
 import weakref
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
@@ -15,13 +14,19 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import SparseDetrCheckpointer
 from ..config import resolve_device
 from ..data.build import build_detr_test_loader, build_detr_train_loader, load_dataset_dicts
+from ..data.stream import DATA_STREAM_ID, TrainStream
+from ..utils.rng import seed_all_rngs
 from .ddp import create_ddp_model
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, check_optimizer_state
 from .schedule import scale_schedule_to_batch_size
 
 __all__ = ["Trainer"]
+
+# RNG keys of the training steps, after the seed: another stream than the data pipeline's
+STEP_STREAM_ID = DATA_STREAM_ID + 1
 
 
 def check_device(cfg: CfgNode) -> CfgNode:
@@ -35,11 +40,18 @@ def check_device(cfg: CfgNode) -> CfgNode:
 
 class Trainer(DefaultTrainer):
     """The paper's training loop: AdamW with three learning rates and full-model gradient clipping, the DETR
-    mapper, COCO evaluation, checkpoints and ``--resume`` through :class:`DetectionCheckpointer`, AMP with
-    ``SOLVER.AMP.ENABLED``, DDP on GPUs and (gloo) on CPUs.
+    mapper, COCO evaluation, AMP with ``SOLVER.AMP.ENABLED``, DDP on GPUs and (gloo) on CPUs.
+
+    Checkpoints (:class:`SparseDetrCheckpointer`): written atomically, never of non-finite weights; ``MODEL.WEIGHTS``
+    may have class heads for another number of classes (fine-tuning), any other shape that differs is an error.
+
+    ``--resume`` is exact: besides the weights, the optimizer and the scheduler, a checkpoint holds the position of
+    the training data (:class:`~sparse_detr.data.stream.TrainStream`), and the global RNGs are seeded at every step
+    from (seed, process rank, iteration). A run killed and resumed computes, on the CPU with a fixed number of
+    threads, the same losses at every iteration as the uninterrupted run.
 
     Everything it reads is checked before the first iteration: the test datasets are loaded when it is built, the
-    training datasets when the training loader is.
+    training datasets when the training loader is, the schedule and the optimizer state when they are read.
     """
 
     def __init__(self, cfg: CfgNode):
@@ -52,7 +64,9 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         cfg = check_device(cfg)
         for name in cfg.DATASETS.TEST:
-            load_dataset_dicts([name])
+            load_dataset_dicts(
+                [name], num_classes=cfg.MODEL.SPARSE_DETR.NUM_CLASSES, check_images=cfg.DATALOADER.CHECK_IMAGES
+            )
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -61,11 +75,34 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SparseDetrCheckpointer(model, cfg.OUTPUT_DIR, fine_tune=True, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def run_step(self) -> None:
+        # the step's random draws (dropout, drop path) depend on where it is in the run, not on what ran before
+        seed_all_rngs((self.data_loader.seed, STEP_STREAM_ID, comm.get_rank(), self.iter))
+        super().run_step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["data"] = self.data_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a checkpoint's training state (``--resume``); the optimizer's is checked against the parameters
+        first (:func:`~sparse_detr.engine.optimizer.check_optimizer_state`)."""
+        check_optimizer_state(self.optimizer, state_dict["_trainer"]["optimizer"], self.checkpointer.model)
+        super().load_state_dict(state_dict)
+        if "data" in state_dict:
+            self.data_loader.load_state_dict(state_dict["data"])
+        else:
+            logging.getLogger(__name__).warning(
+                "The checkpoint has no data position (written before resumable data streams): the training data "
+                "starts again from the beginning of its stream"
+            )
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -79,7 +116,7 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
+    def build_train_loader(cls, cfg: CfgNode) -> TrainStream:
         return build_detr_train_loader(cfg)
 
     @classmethod

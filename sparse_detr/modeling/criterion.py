@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
@@ -22,6 +23,8 @@ from .token_selection import TokenSelection
 __all__ = ["LossInputs", "SetCriterion", "build_weight_dict"]
 
 Indices = List[Tuple[Tensor, Tensor]]
+# loss key suffix of the two-stage proposals
+_PROPOSAL_SUFFIX = "_enc"
 
 
 @dataclass
@@ -65,7 +68,7 @@ def build_weight_dict(
     if aux_loss:
         suffixes += [f"_{i}" for i in range(num_decoder_layers - 1)]
     if two_stage:
-        suffixes.append("_enc")
+        suffixes.append(_PROPOSAL_SUFFIX)
     suffixes += [f"_enc_{i}" for i in range(num_encoder_aux_layers)]
     weights = {k + s: v for s in suffixes for k, v in base.items()}
     if scoring_network:
@@ -200,13 +203,33 @@ class SetCriterion(nn.Module):
         metrics.update({f"corr_mask_attn_map_dec_{lvl}": c for lvl, c in enumerate(corr[1:])})
         return loss, metrics
 
-    def _num_boxes(self, targets: List[Target], device: torch.device) -> float:
-        """Average number of target boxes per worker, at least 1."""
+    @staticmethod
+    def _prediction_sets(outputs: LossInputs) -> List[Tuple[str, Prediction]]:
+        """(loss key suffix, predictions) of every set the set losses match, as `build_weight_dict` names them."""
+        sets = [("", outputs.final)] + [(f"_{i}", p) for i, p in enumerate(outputs.decoder_aux)]
+        if outputs.proposals is not None:
+            sets.append((_PROPOSAL_SUFFIX, outputs.proposals))
+        return sets + [(f"_enc_{i}", p) for i, p in enumerate(outputs.encoder_aux)]
+
+    def _num_boxes_and_non_finite(
+        self, sets: List[Tuple[str, Prediction]], outputs: LossInputs, targets: List[Target]
+    ) -> Tuple[float, List[str]]:
+        """Average number of target boxes per worker (at least 1), and the names of the predictions that hold a
+        NaN or an infinity; one host sync for both (the count needs one anyway)."""
+        named = {}
+        for suffix, pred in sets:
+            named[f"logits (loss_ce{suffix})"] = pred.logits
+            named[f"boxes (loss_bbox{suffix})"] = pred.boxes
+        if outputs.selection is not None:
+            named["token scores (loss_mask_prediction)"] = outputs.selection.scores
+        device = outputs.final.logits.device
         num = torch.as_tensor([float(sum(len(t.labels) for t in targets))], device=device)
         world_size = comm.get_world_size()
         if world_size > 1:
             torch.distributed.all_reduce(num)
-        return torch.clamp(num / world_size, min=1).item()
+        finite = torch.stack([torch.isfinite(t).all() for t in named.values()]).to(num.dtype)
+        values = torch.cat([torch.clamp(num / world_size, min=1), finite]).tolist()
+        return values[0], [name for name, ok in zip(named, values[1:]) if not ok]
 
     def forward(self, outputs: LossInputs, targets: List[Target]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         """
@@ -216,20 +239,30 @@ class SetCriterion(nn.Module):
         Returns:
             losses: unweighted, keyed as in `weight_dict`.
             metrics: log-only scalars (class_error, cardinality_error, corr_mask_attn_map_dec_*).
+        Raises:
+            FloatingPointError: a prediction holds NaN or infinity (named, with the trainer's iteration).
         """
-        num_boxes = self._num_boxes(targets, outputs.final.logits.device)
+        sets = self._prediction_sets(outputs)
+        num_boxes, non_finite = self._num_boxes_and_non_finite(sets, outputs, targets)
+        if non_finite:
+            # scipy's assignment would fail on the costs with a message that names neither
+            try:
+                when = f"at iteration {get_event_storage().iter}"
+            except AssertionError:  # not inside a trainer
+                when = "outside a trainer"
+            raise FloatingPointError(
+                f"Non-finite predictions {when}: {', '.join(non_finite)} hold NaN or infinity. Training diverged "
+                "(e.g. SOLVER.BASE_LR too high) or the input is not finite (e.g. MODEL.PIXEL_STD with a zero)."
+            )
         losses, indices = self._set_losses(outputs.final, targets, num_boxes, "")
         metrics = self._detection_metrics(outputs.final.logits, targets, indices)
 
-        for i, aux in enumerate(outputs.decoder_aux):
-            losses.update(self._set_losses(aux, targets, num_boxes, f"_{i}")[0])
-        if outputs.proposals is not None:
-            enc_targets = targets
-            if self.binary_enc_targets:
-                enc_targets = [t._replace(labels=torch.zeros_like(t.labels)) for t in targets]
-            losses.update(self._set_losses(outputs.proposals, enc_targets, num_boxes, "_enc")[0])
-        for i, aux in enumerate(outputs.encoder_aux):
-            losses.update(self._set_losses(aux, targets, num_boxes, f"_enc_{i}")[0])
+        enc_targets = targets
+        if outputs.proposals is not None and self.binary_enc_targets:
+            enc_targets = [t._replace(labels=torch.zeros_like(t.labels)) for t in targets]
+        for suffix, pred in sets[1:]:
+            set_targets = enc_targets if suffix == _PROPOSAL_SUFFIX else targets
+            losses.update(self._set_losses(pred, set_targets, num_boxes, suffix)[0])
         if outputs.selection is not None:
             if outputs.levels is None or outputs.decoder is None:
                 raise ValueError("LossInputs: the scoring network's loss needs levels and decoder with selection")

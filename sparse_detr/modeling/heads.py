@@ -151,6 +151,10 @@ class DetectionHeads:
         """One head per encoder layer but the last (encoder aux loss); empty without it."""
         return [self._pair(i) for i in self.layout.encoder_aux]
 
+    def class_head_names(self) -> List[str]:
+        """`class_embed.{i}` of every index, every role: a state dict holds a shared head under each index."""
+        return [f"class_embed.{i}" for i in range(len(self.class_embed))]
+
     def module_names(self, role: str) -> List[str]:
         """`class_embed.{i}` / `bbox_embed.{i}` of a role's distinct modules; a module shared with an earlier
         index is named by its first index (the one that holds its parameters in `named_parameters`)."""

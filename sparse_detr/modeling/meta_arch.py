@@ -206,11 +206,25 @@ class SparseDETR(nn.Module):
         return rows | cols
 
     def prepare_targets(self, batched_inputs: List[Dict[str, Any]]) -> List[Target]:
-        """Per image its classes and its boxes as cxcywh normalized by the image size before padding."""
+        """Per image its classes and its boxes as cxcywh normalized by the image size before padding.
+
+        Raises:
+            ValueError: an input without instances, or with a box that is not finite XYXY (x1 >= x0, y1 >= y0);
+                the dataset mapper never makes one, boxes given from Python may.
+        """
         targets = []
-        for x in batched_inputs:
+        for i, x in enumerate(batched_inputs):
             if "instances" not in x:
                 raise ValueError("SparseDETR training needs 'instances' (gt_boxes, gt_classes) in every input")
+            # checked where the loader put them (the CPU): no device sync
+            given = x["instances"].gt_boxes.tensor
+            bad = ~given.isfinite().all(1) | (given[:, 2] < given[:, 0]) | (given[:, 3] < given[:, 1])
+            if bad.any():
+                j = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"batched_inputs[{i}]['instances'].gt_boxes[{j}] is {given[j].tolist()}: boxes must be finite "
+                    "XYXY pixels with x1 >= x0 and y1 >= y0"
+                )
             instances = x["instances"].to(self.device)
             h, w = instances.image_size
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)

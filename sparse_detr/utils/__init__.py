@@ -1,2 +1,3 @@
 """What the tools run, beyond training: FLOP and parameter accounting, the throughput and op benchmarks, the demo's
-pictures (saliency drawing). Not needed to train or run the model."""
+pictures (saliency drawing); and `rng`, the seeding that makes a resumed training run draw what the uninterrupted
+one drew."""

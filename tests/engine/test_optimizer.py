@@ -6,7 +6,12 @@ from torch import nn
 from detectron2.config import get_cfg
 
 from sparse_detr import add_sparse_detr_config
-from sparse_detr.engine import build_optimizer, full_model_gradient_clipping, get_detr_param_groups
+from sparse_detr.engine import (
+    build_optimizer,
+    check_optimizer_state,
+    full_model_gradient_clipping,
+    get_detr_param_groups,
+)
 
 
 class Toy(nn.Module):
@@ -133,3 +138,29 @@ def test_detectron2_clip_types_still_work_and_bad_ones_fail():
         build_optimizer(cfg, model)
     with pytest.raises(ValueError, match="max_norm"):
         full_model_gradient_clipping(torch.optim.AdamW, 0.0)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-4, float("nan"), float("inf")])
+def test_bad_base_lr_names_the_key(lr):
+    cfg = base_cfg()
+    cfg.SOLVER.BASE_LR = lr
+    with pytest.raises(ValueError, match=r"SOLVER\.BASE_LR must be a finite number > 0"):
+        build_optimizer(cfg, Toy())
+
+
+def test_optimizer_state_of_another_shape_is_named_before_loading():
+    """What --resume meets after a config change that reshapes a parameter: torch checks only the counts."""
+    cfg = base_cfg()
+    old = Toy()
+    opt = build_optimizer(cfg, old)
+    sum(p.sum() for p in old.parameters() if p.requires_grad).backward()
+    opt.step()
+    saved = opt.state_dict()
+
+    new = Toy()
+    new.class_embed = nn.Linear(2, 4)  # e.g. MODEL.SPARSE_DETR.NUM_CLASSES changed
+    new_opt = build_optimizer(cfg, new)
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 'class_embed.weight' has shape \(3, 2\) in the "
+                                         r"checkpoint but the parameter has \(4, 2\)"):
+        check_optimizer_state(new_opt, saved, new)
+    check_optimizer_state(build_optimizer(cfg, Toy()), saved, Toy())  # same shapes: nothing to say

@@ -1,4 +1,4 @@
-"""The schedule keeps its length in epochs when the total batch size changes."""
+"""The schedule's counts are checked, and it keeps its length in epochs when the total batch size changes."""
 import math
 
 import pytest
@@ -50,4 +50,27 @@ def test_refuses_to_combine_with_reference_world_size():
     cfg.SOLVER.IMS_PER_BATCH = 8
     cfg.SOLVER.REFERENCE_WORLD_SIZE = 8
     with pytest.raises(ValueError, match="REFERENCE_WORLD_SIZE"):
+        scale_schedule_to_batch_size(cfg)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("SOLVER.STEPS", (369650,), r"SOLVER\.STEPS must be increasing iterations within \[1, SOLVER\.MAX_ITER - 1\] "
+                                    r"= \[1, 369649\], got \(369650,\)"),
+        ("SOLVER.STEPS", (400000,), r"SOLVER\.STEPS must be .* got \(400000,\)"),
+        ("SOLVER.STEPS", (200, 100), r"SOLVER\.STEPS must be increasing"),
+        ("SOLVER.STEPS", (0,), r"SOLVER\.STEPS must be"),
+        ("SOLVER.MAX_ITER", 0, r"SOLVER\.MAX_ITER must be >= 1, got 0"),
+        ("SOLVER.WARMUP_ITERS", -1, r"SOLVER\.WARMUP_ITERS must be >= 0"),
+        ("SOLVER.CHECKPOINT_PERIOD", 0, r"SOLVER\.CHECKPOINT_PERIOD must be >= 1"),
+        ("TEST.EVAL_PERIOD", -5, r"TEST\.EVAL_PERIOD must be >= 0"),
+    ],
+)
+def test_bad_schedule_names_the_key_and_its_range(key, value, message):
+    cfg = base_cfg()
+    if key != "SOLVER.STEPS":
+        cfg.SOLVER.STEPS = ()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=message):
         scale_schedule_to_batch_size(cfg)

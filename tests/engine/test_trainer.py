@@ -33,7 +33,7 @@ def cfg(shapes, tmp_path):
     add_sparse_detr_config(cfg)
     cfg.merge_from_file("configs/demo/sparse_detr_shapes_smoke.yaml")
     cfg.merge_from_list(["DATASETS.TRAIN", (TRAIN,), "DATASETS.TEST", (VAL,), "OUTPUT_DIR", str(tmp_path),
-                         "SOLVER.MAX_ITER", 1, "SEED", 0])
+                         "SOLVER.MAX_ITER", 1, "SOLVER.STEPS", (), "SEED", 0])
     return cfg
 
 
@@ -90,3 +90,29 @@ def test_batch_size_change_rescales_the_schedule(cfg):
     trainer = Trainer(cfg)
     assert (trainer.max_iter, trainer.cfg.SOLVER.STEPS, trainer.cfg.SOLVER.CHECKPOINT_PERIOD) == (4, (3,), 2)
     assert trainer.optimizer.param_groups[0]["lr"] == cfg.SOLVER.BASE_LR
+
+
+def test_divergence_stops_at_the_first_non_finite_step_without_checkpointing_it(cfg):
+    """lr 1e10: the first step makes the weights huge, the second step's predictions overflow."""
+    cfg.merge_from_list(["SOLVER.BASE_LR", 1e10, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError, match=r"Non-finite predictions at iteration 1: logits \(loss_ce\), "
+                                                 r"boxes \(loss_bbox\), .*SOLVER.BASE_LR"):
+        trainer.train()
+    assert sorted(f for f in os.listdir(cfg.OUTPUT_DIR) if f.endswith(".pth")) == ["model_0000000.pth"]
+    last = trainer.checkpointer.get_checkpoint_file()
+    weights = torch.load(last, weights_only=False)["model"]
+    assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
+
+
+def test_resume_after_a_shape_change_fails_before_any_step(cfg):
+    Trainer(cfg).train()  # writes model_final.pth and last_checkpoint
+    cfg.MODEL.SPARSE_DETR.DIM_FEEDFORWARD = 32  # the smoke config's is 64
+    cfg.SOLVER.MAX_ITER = 3
+    trainer = Trainer(cfg)
+    with pytest.raises(ValueError, match=r"Cannot load .*model_final.pth \(resumed\): tensors of other shapes than "
+                                         r"the model's: transformer.encoder.layers.0.linear1.weight: \(64, 64\) in "
+                                         r"the checkpoint, \(32, 64\) in the model.*a resumed run must have the "
+                                         r"shapes it was saved with"):
+        trainer.resume_or_load(resume=True)

@@ -77,3 +77,22 @@ def test_scoring_network_loss_needs_the_decoder_attention():
     criterion = SetCriterion(3, HungarianMatcher(), weights)
     with pytest.raises(ValueError, match="needs levels and decoder"):
         criterion(LossInputs(pred, selection=selection), [Target(torch.tensor([1]), torch.rand(1, 4))])
+
+
+def test_non_finite_predictions_are_named_before_matching():
+    """scipy's assignment fails on NaN costs with "matrix contains invalid numeric entries", naming nothing."""
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    pred = Prediction(torch.randn(2, 4, 3), torch.rand(2, 4, 4) * 0.5 + 0.1)
+    diverged = Prediction(pred.logits.clone(), pred.boxes.clone())
+    diverged.logits[1, 2, 0] = float("nan")
+    diverged.boxes[0, 0, 3] = float("inf")
+    outputs = LossInputs(pred, decoder_aux=[diverged], proposals=pred)
+    targets = [Target(torch.tensor([2]), torch.tensor([[0.5, 0.5, 0.2, 0.3]]))] * 2
+    with EventStorage(start_iter=7):
+        with pytest.raises(FloatingPointError, match=r"Non-finite predictions at iteration 7: logits \(loss_ce_0\), "
+                                                     r"boxes \(loss_bbox_0\) hold NaN or infinity"):
+            _criterion()(outputs, targets)
+    with pytest.raises(FloatingPointError, match="outside a trainer"):
+        _criterion()(outputs, targets)

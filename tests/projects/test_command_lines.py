@@ -26,11 +26,16 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("command_lines")
 
 
-def _commands(workdir: Path) -> Dict[str, List[str]]:
+def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
     image = workdir / "image.png"
     cv2.imwrite(str(image), np.full((48, 64, 3), 120, dtype=np.uint8))
+    own = "[('command_lines_own', '{}', '{}')]".format(*own_coco_dataset(workdir / "own"))
     return {
         "analyze_model": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter"],
+        # a dataset of one's own, registered by the config keys (as train_net.py and demo.py take them)
+        "analyze_model on own data": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "flop", "-n", "2",
+                                      "DATASETS.REGISTER_COCO_INSTANCES", own,
+                                      "DATASETS.TEST", "('command_lines_own',)", "MODEL.SPARSE_DETR.NUM_CLASSES", "3"],
         "analyze_model --eval-only": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter",
                                       "--eval-only"],
         "benchmark": ["benchmark.py", "--configs", SMOKE, "--baseline", SMOKE, "--batch-sizes", "1", "--warmup", "0",
@@ -46,13 +51,13 @@ def _commands(workdir: Path) -> Dict[str, List[str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(workdir) -> Dict[str, Tuple[int, str]]:
+def runs(workdir, own_coco_dataset) -> Dict[str, Tuple[int, str]]:
     """(exit status, stdout and stderr) of each command of :func:`_commands`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {
         name: subprocess.Popen([sys.executable, str(TOOLS / argv[0]), *argv[1:]], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, argv in _commands(workdir).items()
+        for name, argv in _commands(workdir, own_coco_dataset).items()
     }
     outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
     return {name: (proc.returncode, outputs[name]) for name, proc in procs.items()}
@@ -67,6 +72,8 @@ def _output(runs, name: str, ok: bool) -> str:
 def test_analyze_model(runs):
     out = _output(runs, "analyze_model", ok=True)
     assert "Parameters (4 classes)" in out and "| total " in out
+    out = _output(runs, "analyze_model on own data", ok=True)
+    assert "mean over the first 2 images of command_lines_own" in out
     out = _output(runs, "analyze_model --eval-only", ok=False)
     assert "runs in one process: --eval-only and --num-gpus do not apply" in out
 

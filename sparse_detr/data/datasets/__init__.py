@@ -1,4 +1,5 @@
 from . import builtin as _builtin  # registers the synthetic splits
+from .coco_format import register_coco_instances_from_config
 from .synthetic_shapes import (
     SHAPE_CLASSES,
     SyntheticShapesSpec,
