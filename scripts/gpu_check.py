@@ -322,11 +322,10 @@ def train(run: Run, record: Dict[str, Any]) -> bool:
     rc = run.command("train", [run.python, os.path.abspath(__file__), "--train-step", path,
                                "--config-file", run.plan.train_config, *opts],
                      env={"SPARSE_DETR_DATASETS": os.path.join(run.scratch, "datasets")})
-    if rc != 0:
-        return False
-    with open(path) as f:
-        record.update(json.load(f))
-    return record["all_finite"]
+    if os.path.exists(path):  # written after a failed training too
+        with open(path) as f:
+            record.update(json.load(f))
+    return rc == 0 and record["all_finite"]
 
 
 def train_step(result_path: str, argv: List[str]) -> None:
@@ -339,20 +338,22 @@ def train_step(result_path: str, argv: List[str]) -> None:
     from sparse_detr.engine import Trainer
 
     class Record(HookBase):
+        """Runs after training, also after training failed (detectron2 calls after_train in a `finally`): the
+        record then tells how far it got."""
+
         def after_train(self):
             histories = self.trainer.storage.histories()
             losses = {k: [v for v, _ in h.values()] for k, h in histories.items()
                       if k == "total_loss" or k.startswith("loss_")}
             times = [v for v, _ in histories["time"].values()] if "time" in histories else []
-            model = self.trainer.model
-            finite_params = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-            total = losses["total_loss"]
+            total = losses.get("total_loss", [])
+            finite_params = all(bool(torch.isfinite(p).all()) for p in self.trainer.model.parameters())
             result = {
                 "iterations": len(total),
-                "loss_start": total[0],
-                "loss_end": total[-1],
-                "loss_first_10_mean": statistics.fmean(total[:10]),
-                "loss_last_10_mean": statistics.fmean(total[-10:]),
+                "loss_start": total[0] if total else None,
+                "loss_end": total[-1] if total else None,
+                "loss_first_10_mean": statistics.fmean(total[:10]) if total else None,
+                "loss_last_10_mean": statistics.fmean(total[-10:]) if total else None,
                 "losses_finite": all(math.isfinite(v) for vs in losses.values() for v in vs),
                 "parameters_finite": finite_params,
                 # detectron2's IterationTimer leaves out the first iterations (warm-up).
