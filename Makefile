@@ -53,7 +53,8 @@ demo: $(STAMP)
 # tests, bench_op's CUDA rows, the throughput table and 100 AMP training iterations in at most 8 minutes, and
 # writes every table and log into $(OUT) (at most 8 files). CHECK_PY is the Python to check; what it lacks is
 # installed into it, offline, from $(WHEELS), which `make gpu-wheels` fills here, with network, for Python 3.12.
-# $(WHEELS) is git-ignored: it travels with the working tree only when named, e.g. in the device tool's `carry`.
+# $(WHEELS) is git-ignored (wheels are never committed): copy it to the GPU machine with the working tree, naming it
+# explicitly where only what git tracks is copied.
 # DRY_RUN=1 runs the same steps on the CPU with tiny sizes (tests/test_gpu_check.py does).
 CHECK_PY ?= python3
 WHEELS ?= .whl

@@ -105,7 +105,8 @@ DRY_RUN = Plan(
     batch_sizes=[1, 2],
     train_config="configs/demo/sparse_detr_shapes_smoke.yaml",
     train_opts=["SOLVER.MAX_ITER", "3", "DATASETS.TRAIN", "('synthetic_shapes_mini_train',)"],
-    # Tiny work on CPUs other jobs share: a second thread only waits for the first (at times for seconds).
+    # Tiny work: one intra-op thread, so that the cores of a busy machine are not oversubscribed (OpenMP threads
+    # waiting for each other can stall a step for seconds).
     env={"OMP_NUM_THREADS": "1"},
     # Only a stuck step should fail the dry run, not a slow machine.
     budget=1200,

@@ -33,7 +33,7 @@ fi
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-echo "detectron2: installing the pure-Python sources of sal-detectron2==0.7.2 into $SITE"
+echo "detectron2: installing the pure-Python sources of ${SAL[0]} into $SITE"
 "$PY" -m pip install -q --target "$TMP" "${SAL[@]}"
 rm -f "$TMP"/detectron2/_C.cpython-*.so
 # The wheel also ships a top-level `tools` package; only detectron2 itself belongs in site-packages.
