@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The CUDA toolkit: CUDA_HOME if set, else /usr/local/cuda, else the folder above nvcc's bin/. (torch's own guess
-# takes `which nvcc`/../.., which is wrong where nvcc is a wrapper script in /usr/local/bin, as on this machine.)
+# takes `which nvcc`/../.., which is wrong where nvcc is a wrapper script, e.g. one in /usr/local/bin.)
 # The extension builds CUDA kernels when a toolkit is found and either a GPU is visible or FORCE_CUDA=1.
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
 export CUDA_HOME

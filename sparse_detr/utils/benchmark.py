@@ -83,7 +83,7 @@ def measure(
 ) -> Dict[str, List[float]]:
     """Seconds per forward of `batch` for each model, `iters` times after `warmup` untimed runs each.
 
-    The models alternate within every iteration (in rotating order), so slow phases of a shared machine are
+    The models alternate within every iteration (in rotating order), so slow phases of a machine shared with other work are
     spread over all of them.
     """
     names = list(models)
