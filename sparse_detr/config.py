@@ -106,3 +106,7 @@ def _add_data_config(cfg: CN) -> None:
     _C.DATALOADER.CACHE_IMAGES = False
     # Shorter-side sizes of the resize before the random crop (the reference's RandomResize([400, 500, 600])).
     _C.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
+    # How every resize computes the new size: "detectron2" (ResizeShortestEdge: both sides rounded) or "reference"
+    # (the reference's arithmetic: the long side floored, e.g. 600x512 -> 937x800 instead of 938x800), which makes
+    # converted released checkpoints see exactly the reference's pixels (projects/SparseDETR/CONVERTING.md).
+    _C.INPUT.RESIZE_ROUNDING = "detectron2"
