@@ -42,7 +42,8 @@ class FlatLevels:
     def from_masks(cls, masks: Sequence[Tensor]) -> "FlatLevels":
         """masks: per level [N, H_l, W_l] bool, True on padding."""
         shapes = [(m.shape[1], m.shape[2]) for m in masks]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=masks[0].device)
+        # torch.tensor, not torch.as_tensor: under torch.export the sizes stay symbolic
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=masks[0].device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return cls(
             shapes=shapes,

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
@@ -233,8 +232,9 @@ class SparseDETR(nn.Module):
         """[N, H, W] bool, True on the pixels that padding added."""
         H, W = images.tensor.shape[-2:]
         device = images.tensor.device
-        # under jit tracing (fvcore, export) ImageList already holds the sizes as tensors
-        sizes = [s if isinstance(s, Tensor) else shapes_to_tensor(s, device) for s in images.image_sizes]
+        # under jit tracing (fvcore) ImageList already holds the sizes as tensors; torch.tensor (unlike
+        # torch.as_tensor) keeps torch.export's symbolic sizes symbolic
+        sizes = [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in images.image_sizes]
         sizes = torch.stack(sizes).to(device)
         rows = torch.arange(H, device=device)[None, :, None] >= sizes[:, 0, None, None]
         cols = torch.arange(W, device=device)[None, None, :] >= sizes[:, 1, None, None]
@@ -364,7 +364,8 @@ class SparseDETR(nn.Module):
             per image Instances of size (h, w) with pred_boxes (XYXY pixels), scores, pred_classes.
         """
         N, Q, C = logits.shape
-        scores, index = logits.sigmoid().view(N, -1).topk(min(self.num_detections, Q * C), dim=1)
+        # sym_min: under torch.export Q may be symbolic (two-stage queries on a small image)
+        scores, index = logits.sigmoid().view(N, -1).topk(torch.sym_min(self.num_detections, Q * C), dim=1)
         query = torch.div(index, C, rounding_mode="floor")
         labels = index % C
         boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))

@@ -285,8 +285,8 @@ class DeformableTransformer(nn.Module):
             proposal_predictions = Prediction(enc_class, enc_coord_unact.sigmoid())
 
             objectness = enc_class.max(-1).values if self.eff_specific_head else enc_class[..., 0]
-            # a tiny image may have fewer tokens than queries
-            k = min(self.num_queries, objectness.shape[1])
+            # a tiny image may have fewer tokens than queries (sym_min: under torch.export both cases stay in the graph)
+            k = torch.sym_min(self.num_queries, objectness.shape[1])
             topk_proposals = objectness.topk(k, dim=1).indices
             topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
             reference_points = topk_coords_unact.sigmoid()
