@@ -33,8 +33,7 @@ class ExportableSparseDETR(nn.Module):
         backbone = model.inference_backbone()
         model = copy.deepcopy(model).eval()
         model._inference_backbone = None
-        model.backbone = copy.deepcopy(backbone)
-        model.fast_inference = False  # its backbone already is the inference one
+        model.backbone = copy.deepcopy(backbone)  # inference_backbone() now returns it as it is
         self.model = model
 
     def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -5,7 +5,16 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["FlatLevels", "valid_sizes", "valid_ratio"]
+__all__ = ["FlatLevels", "size_min", "valid_sizes", "valid_ratio"]
+
+
+def size_min(a, b):
+    """The smaller of two sizes, whatever tracer made them: Python ints in eager mode, symbolic ints under
+    torch.export (`torch.sym_min` keeps both cases in the graph, where `min` would fix one), 0-dim tensors under
+    torch.jit.trace (fvcore's FLOP counter)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return min(a, b)
+    return torch.sym_min(a, b)
 
 
 def valid_sizes(mask: Tensor) -> Tensor:

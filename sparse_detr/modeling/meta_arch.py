@@ -15,7 +15,7 @@ from ..layers.position_encoding import PositionEmbeddingSine
 from .criterion import LossInputs, SetCriterion
 from .fast_inference import InferenceBackbone, tensor_fingerprint
 from .heads import DetectionHeads, HeadLayout
-from .levels import valid_sizes
+from .levels import size_min, valid_sizes
 from .structures import Prediction, Target
 from .transformer import DeformableTransformer, TransformerOutput
 
@@ -36,10 +36,12 @@ class SparseDETR(nn.Module):
     DAM correlation go to the current EventStorage. Inference returns `[{"instances": Instances}]` with
     `pred_boxes`, `scores` and `pred_classes` in the original image size ("height"/"width" of the input).
 
-    With `fast_inference` (the default) inference runs the backbone as :class:`InferenceBackbone` (frozen batch
-    norms folded, channels_last), a copy made on the first inference forward and again whenever the backbone's
-    parameters or buffers change; the same outputs to float rounding. Training, `state_dict()` and checkpoint
-    loading only ever see the backbone itself.
+    With `fast_inference` (the default) inference computes the same outputs (to float rounding) with less work:
+    the backbone runs as :class:`InferenceBackbone` (frozen batch norms folded, channels_last), a copy made on the
+    first inference forward and again after `load_state_dict` or whenever the backbone's parameters or buffers
+    change, and the transformer runs its `fast` path (the decoder samples the memory before projecting it; two-stage
+    proposal boxes only for the queries). Training, `state_dict()` and checkpoint loading only ever see the model
+    itself.
 
     Errors name the argument and the config key it is read from.
     """
@@ -76,7 +78,8 @@ class SparseDETR(nn.Module):
             use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last (the
                 selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
             num_detections: detections kept per image (top-k over queries x classes).
-            fast_inference: run inference on the folded channels_last copy of the backbone.
+            fast_inference: run inference on the folded channels_last copy of the backbone, and the transformer's
+                fast path.
         """
         super().__init__()
         output_shape: Dict[str, ShapeSpec] = backbone.output_shape()
@@ -118,6 +121,8 @@ class SparseDETR(nn.Module):
         # (fingerprint of the backbone's tensors, InferenceBackbone built from them); a tuple, so that the copy is
         # not registered as a submodule (it must stay out of state_dict(), parameters() and training)
         self._inference_backbone: Optional[Tuple[Tuple, InferenceBackbone]] = None
+        # loaded weights always mean a new copy, even where version counters cannot tell (inference tensors)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_inference_backbone", None))
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -208,7 +213,7 @@ class SparseDETR(nn.Module):
         """The backbone inference runs: with `fast_inference` its :class:`InferenceBackbone` copy, rebuilt when
         the backbone's tensors have changed since it was made (loaded weights, `.to()`, an optimizer step), else
         the backbone itself."""
-        if not self.fast_inference:
+        if not self.fast_inference or isinstance(self.backbone, InferenceBackbone):
             return self.backbone
         fingerprint = tensor_fingerprint(self.backbone)
         if self._inference_backbone is None or self._inference_backbone[0] != fingerprint:
@@ -283,6 +288,7 @@ class SparseDETR(nn.Module):
             self.heads,
             refine_boxes=self.refine_boxes,
             enc_aux=self.training and self.use_enc_aux_loss,
+            fast=not self.training and self.fast_inference,
         )
 
     def _decoder_predictions(self, out: TransformerOutput, layers: Sequence[int]) -> List[Prediction]:
@@ -364,8 +370,7 @@ class SparseDETR(nn.Module):
             per image Instances of size (h, w) with pred_boxes (XYXY pixels), scores, pred_classes.
         """
         N, Q, C = logits.shape
-        # sym_min: under torch.export Q may be symbolic (two-stage queries on a small image)
-        scores, index = logits.sigmoid().view(N, -1).topk(torch.sym_min(self.num_detections, Q * C), dim=1)
+        scores, index = logits.sigmoid().view(N, -1).topk(size_min(self.num_detections, Q * C), dim=1)
         query = torch.div(index, C, rounding_mode="floor")
         labels = index % C
         boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))

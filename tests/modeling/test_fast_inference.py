@@ -6,7 +6,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_frozen_batchnorm
+from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_batch_norms
 
 VARIANTS = {
     "deformable": {},
@@ -50,17 +50,23 @@ def _assert_same_detections(actual, expected):
         torch.testing.assert_close(a.pred_boxes.tensor, e.pred_boxes.tensor, rtol=RTOL, atol=1e-4)
 
 
-def test_folding_keeps_the_convolution():
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
+def test_folding_keeps_the_convolution(norm):
     torch.manual_seed(0)
-    conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(16))
-    _randomize_frozen_bn(conv)
+    bn = FrozenBatchNorm2d(16) if norm == "FrozenBN" else torch.nn.BatchNorm2d(16)
+    conv = Conv2d(8, 16, 3, padding=1, bias=norm == "BN", norm=bn).eval()
+    with torch.no_grad():
+        if norm == "FrozenBN":
+            _randomize_frozen_bn(conv)
+        else:  # running statistics as training leaves them
+            bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 1.5), bn.weight.normal_(), bn.bias.normal_()
     x = torch.randn(2, 8, 9, 11)
     with torch.no_grad():
         expected = conv(x)
-        assert fold_frozen_batchnorm(conv) == 1
+        assert fold_batch_norms(conv) == 1
         assert conv.norm is None and conv.bias is not None
         torch.testing.assert_close(conv(x), expected, rtol=RTOL, atol=1e-6)
-        assert fold_frozen_batchnorm(conv) == 0  # nothing left to fold
+        assert fold_batch_norms(conv) == 0  # nothing left to fold
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -111,3 +117,19 @@ def test_the_copy_follows_new_weights(tiny_cfg, tiny_inputs):
     assert model.inference_backbone() is not first
     other.fast_inference = False
     _assert_same_detections(_detections(model, inputs), _detections(other, inputs))
+
+
+def test_built_and_loaded_under_inference_mode(tiny_cfg, tiny_inputs):
+    """Inference tensors have no version counter: a checkpoint loaded into them still refreshes the copy."""
+    inputs = tiny_inputs()
+    with torch.inference_mode():
+        model = _model(tiny_cfg, "deformable")
+        _detections(model, inputs)
+        first = model.inference_backbone()
+        assert model.inference_backbone() is first
+        other = _model(tiny_cfg, "deformable")
+        _randomize_frozen_bn(other.backbone, seed=2)
+        model.load_state_dict(other.state_dict())
+        assert model.inference_backbone() is not first
+        other.fast_inference = False
+        _assert_same_detections(_detections(model, inputs), _detections(other, inputs))
