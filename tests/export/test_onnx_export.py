@@ -92,7 +92,9 @@ def test_tensorrt_plugin_form(tmp_path):
 
 
 def test_onnxruntime_matches_eager(exported, tmp_path):
-    _, model, program = exported
+    variant, model, program = exported
+    if variant == "sparse":
+        pytest.skip("checked through the tool, which exports and verifies it: test_export_tool.py")
     path = tmp_path / "model.onnx"
     # without the graph optimizer (minutes on a small CPU; it changes only speed): the tool runs it by default,
     # and the recorded R50 parity was measured on its output
