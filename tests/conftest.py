@@ -10,8 +10,7 @@ from detectron2.structures import Boxes, Instances
 from sparse_detr import add_sparse_detr_config
 
 
-# session scope: both are pure factories, and module-scoped fixtures (e.g. one export shared by a module) use them
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_cfg() -> Callable[..., CfgNode]:
     def make(**sparse_detr) -> CfgNode:
         cfg = get_cfg()
@@ -39,7 +38,7 @@ def tiny_cfg() -> Callable[..., CfgNode]:
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_inputs() -> Callable[..., List[Dict]]:
     def make(
         sizes: Sequence[Tuple[int, int]] = ((64, 96), (80, 64)), num_boxes: Sequence[int] = (2, 1), seed: int = 0

@@ -14,8 +14,6 @@ Examples:
 """
 import argparse
 import os
-import platform
-import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import nn
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.utils.analysis import random_input
+from sparse_detr.utils.timing import describe_device, interleaved_times
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = [
@@ -70,18 +69,6 @@ def model_name(cfg: CfgNode) -> str:
     return " + ".join(["Deformable DETR"] + extras)
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
-
-
 def _autocast(device: torch.device, amp: bool):
     if not amp:
         return nullcontext()
@@ -103,26 +90,13 @@ def measure(
     iters: int,
     amp: bool = False,
 ) -> Dict[str, List[float]]:
-    """Seconds per forward of `batch` for each model, `iters` times after `warmup` untimed runs each.
-
-    The models alternate within every iteration (in rotating order), so slow phases of a shared machine are
-    spread over all of them.
-    """
-    names = list(models)
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    """Seconds per forward of `batch` for each model, `iters` times after `warmup` untimed runs each, the models
+    taking turns (see :func:`interleaved_times`)."""
     with _autocast(device, amp):
-        for _ in range(warmup):
-            for name in names:
-                models[name](batch)
-        for it in range(iters):
-            for k in range(len(names)):
-                name = names[(it + k) % len(names)]
-                _sync(device)
-                start = time.perf_counter()
-                models[name](batch)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-    return times
+        return interleaved_times(
+            {name: (lambda m=model: m(batch)) for name, model in models.items()}, warmup, iters,
+            sync=lambda: _sync(device),
+        )
 
 
 def get_parser() -> argparse.ArgumentParser:
