@@ -13,22 +13,17 @@ the compiled deformable attention op `sparse_detr::ms_deform_attn` written in on
   [N, Lq, M * D] as the op returns it. Only TensorRT runs such a file.
 
 The exporter traces the translation functions with symbolic tensors: L, M, D and P are static there; image-sized
-dimensions are not. onnx and onnxscript are imported only inside these functions and :func:`export_onnx`, so the
+dimensions are not. (Their arguments carry no type hints: the exporter reads a translation function's annotations
+as its ONNX signature.) onnx and onnxscript are imported only inside these functions and :func:`to_onnx`, so the
 package works without them.
 """
 import importlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
-from torch import Tensor
 from torch.export import ExportedProgram
 
-from ..modeling.meta_arch import SparseDETR
-from .torch_export import export_program
-
-__all__ = [
-    "ATTENTION_FORMS", "OPSET", "TRT_DOMAIN", "TRT_PLUGIN", "attention_translation", "export_onnx", "require", "to_onnx"
-]
+__all__ = ["ATTENTION_FORMS", "OPSET", "TRT_DOMAIN", "TRT_PLUGIN", "attention_translation", "require", "to_onnx"]
 
 OPSET = 18  # GridSample needs >= 16; the exporter's own op library is written for 18
 TRT_DOMAIN = "trt"
@@ -168,11 +163,3 @@ def to_onnx(
         custom_translation_table=table,
         optimize=optimize,
     )
-
-
-def export_onnx(
-    model: SparseDETR, image: Optional[Tensor] = None, attention: str = "grid_sample", optimize: bool = True
-) -> "torch.onnx.ONNXProgram":
-    """:func:`to_onnx` of :func:`export_program` (`model` is copied, not changed; `image` the example to trace
-    with, default :func:`example_image`)."""
-    return to_onnx(export_program(model, image), attention, optimize)

@@ -11,6 +11,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from torch import Tensor
+from torch.export import ExportedProgram
 
 from ..config import add_sparse_detr_config
 from ..data.transforms import build_detr_augmentation
@@ -94,7 +95,10 @@ def _second_image(model: SparseDETR, image: Tensor) -> Tensor:
     return example_image(model, (height + stride + 3, max(width - stride - 5, stride + 1)), seed=1)
 
 
-def _verify(model: SparseDETR, run, images: Dict[str, Tensor]) -> Dict[str, Parity]:
+def _verify(
+    model: SparseDETR, run: Callable[[Tensor], Detections], images: Dict[str, Tensor]
+) -> Dict[str, Parity]:
+    """Prints and returns the parity of `run` with `model` on each image; raises RuntimeError if one fails."""
     results = {name: compare(eager_detections(model, image), run(image)) for name, image in images.items()}
     print(parity_report(results))
     failed = [name for name, p in results.items() if not p.within_tolerance]
@@ -128,19 +132,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, FORMATS[args.format])
+    program = export_program(model, image)
     if args.format == "onnx":
-        from .onnx import export_onnx
+        from .onnx import to_onnx
 
-        program = export_onnx(
-            model, image, attention="trt_plugin" if args.trt_plugin else "grid_sample", optimize=not args.no_optimize
-        )
-        program.save(path)
+        attention = "trt_plugin" if args.trt_plugin else "grid_sample"
+        to_onnx(program, attention, optimize=not args.no_optimize).save(path)
+    elif args.format == "torch_export":
+        torch.export.save(program, path)
     else:
-        program = export_program(model, image)
-        if args.format == "torch_export":
-            torch.export.save(program, path)
-        else:
-            package_aoti(program, path)
+        package_aoti(program, path)
     print(f"wrote {path}")
 
     out: Dict[str, Any] = {"path": path}
@@ -150,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return out
 
 
-def _runner(fmt: str, path: str, program) -> Callable[[Tensor], Detections]:
+def _runner(fmt: str, path: str, program: ExportedProgram) -> Callable[[Tensor], Detections]:
     """What --verify runs: onnxruntime on the ONNX file; the AOTInductor package as loaded back; for an
     ExportedProgram the program itself (the file is torch.export.save of it; loading it back re-parses every
     symbolic size and takes longer than the export)."""

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..modeling.meta_arch import SparseDETR
 
-__all__ = ["Detections", "Parity", "compare", "eager_detections", "onnxruntime_runner"]
+__all__ = ["TOLERANCE", "Detections", "Parity", "compare", "eager_detections", "onnxruntime_runner", "parity_report"]
 
 # what the issue asks of an export: scores and boxes to 1e-4, as torch.testing.assert_close(rtol, atol) reads it
 TOLERANCE = 1e-4
