@@ -58,7 +58,8 @@ def build_paths(
     fns: Dict[str, Callable[[], Any]] = {}
     prepare: Dict[str, float] = {}
     program = None
-    for path in paths:
+    # onnxruntime last: translating the program to ONNX leaves it unusable for AOTInductor (see to_onnx)
+    for path in sorted(paths, key=lambda p: p == "onnxruntime"):
         start = time.perf_counter()
         if path in ("eager-plain", "eager-fast"):
             fns[path] = _eager(new_model(), path == "eager-fast", image)
@@ -85,12 +86,11 @@ def build_paths(
                 from .verify import onnxruntime_runner
 
                 onnx_path = os.path.join(workdir, "model.onnx")
-                # translated last: the translation leaves the program unusable for another one (see to_onnx)
                 to_onnx(program, "grid_sample").save(onnx_path)
                 run = onnxruntime_runner(onnx_path, threads=torch.get_num_threads())
                 fns[path] = lambda r=run: r(image)
         prepare[path] = time.perf_counter() - start
-    return fns, prepare
+    return {path: fns[path] for path in paths}, prepare
 
 
 def get_parser() -> argparse.ArgumentParser:

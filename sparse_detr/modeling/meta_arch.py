@@ -122,7 +122,7 @@ class SparseDETR(nn.Module):
         # not registered as a submodule (it must stay out of state_dict(), parameters() and training)
         self._inference_backbone: Optional[Tuple[Tuple, InferenceBackbone]] = None
         # loaded weights always mean a new copy, even where version counters cannot tell (inference tensors)
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_inference_backbone", None))
+        self.register_load_state_dict_post_hook(SparseDETR._forget_inference_backbone)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -208,6 +208,11 @@ class SparseDETR(nn.Module):
         if mode:
             self._inference_backbone = None  # training never uses the copy: free its memory
         return super().train(mode)
+
+    @staticmethod
+    def _forget_inference_backbone(module: "SparseDETR", incompatible_keys: Any) -> None:
+        """load_state_dict's post hook (a named function, so that the model pickles)."""
+        module._inference_backbone = None
 
     def inference_backbone(self) -> nn.Module:
         """The backbone inference runs: with `fast_inference` its :class:`InferenceBackbone` copy, rebuilt when

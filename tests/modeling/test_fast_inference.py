@@ -1,5 +1,7 @@
-"""The fast inference path (folded frozen batch norms, channels_last backbone) computes what the plain path does,
-and leaves the model's state and training alone."""
+"""The fast inference path (folded batch norms, channels_last backbone, the transformer's fast path) computes what
+the plain path does, and leaves the model's state and training alone."""
+import pickle
+
 import pytest
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
@@ -90,6 +92,7 @@ def test_state_dict_parameters_and_training_are_untouched(tiny_cfg, tiny_inputs)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert len(list(model.parameters())) == num_params
     assert not any("inference_backbone" in name for name, _ in model.named_modules())
+    assert isinstance(pickle.loads(pickle.dumps(model)), type(model))  # hooks and copy pickle along
 
     # training after inference computes what a model that never ran inference computes
     model.train()
