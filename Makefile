@@ -13,7 +13,7 @@ export CUDA_HOME
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt
+	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/export.txt
 	bash scripts/install_detectron2.sh $(PY)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import sparse_detr, sparse_detr.layers as L; print('sparse_detr', sparse_detr.__version__, '| compiled op:', L.ms_deform_attn_available())"

@@ -135,6 +135,9 @@ def _add_model_config(cfg: CN) -> None:
     S.FOCAL_ALPHA = 0.25
     # Detections kept per image at inference (top-k over queries x classes).
     S.NUM_DETECTIONS = 100
+    # Inference on a copy of the backbone with its frozen batch norms folded into the convolutions, in
+    # channels_last (sparse_detr.modeling.fast_inference): the same outputs to float rounding, faster on CPUs.
+    S.FAST_INFERENCE = True
 
 
 def _add_swin_config(cfg: CN) -> None:
@@ -176,6 +179,10 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATALOADER.CACHE_IMAGES = False
     # Shorter-side sizes of the resize before the random crop (the reference's RandomResize([400, 500, 600])).
     cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP = (400, 500, 600)
+    # How every resize computes the new size: "detectron2" (ResizeShortestEdge: both sides rounded) or "reference"
+    # (the reference's arithmetic: the long side floored, e.g. 600x512 -> 937x800 instead of 938x800), which makes
+    # converted released checkpoints see exactly the reference's pixels (projects/SparseDETR/CONVERTING.md).
+    cfg.INPUT.RESIZE_ROUNDING = "detectron2"
 
 
 def _add_own_data_config(cfg: CN) -> None:

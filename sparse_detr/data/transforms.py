@@ -4,12 +4,17 @@ Boxes are transformed by the same :class:`~detectron2.data.transforms.Transform`
 (``transforms.apply_box`` in :func:`detectron2.data.detection_utils.transform_instance_annotations`), so the
 image and its annotations cannot drift apart.
 """
-from typing import List, Sequence
+import sys
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 
-__all__ = ["RandomSelect", "build_detr_augmentation"]
+__all__ = ["RESIZE_ROUNDINGS", "RandomSelect", "ReferenceResizeShortestEdge", "build_detr_augmentation"]
+
+# INPUT.RESIZE_ROUNDING: detectron2's ResizeShortestEdge, or the reference's size arithmetic
+RESIZE_ROUNDINGS = ("detectron2", "reference")
 
 
 class RandomSelect(T.Augmentation):
@@ -38,6 +43,59 @@ class RandomSelect(T.Augmentation):
     __str__ = __repr__
 
 
+class ReferenceResizeShortestEdge(T.Augmentation):
+    """Resize the shorter side to one of `short_edge_length` (chosen at random) with the longer side at most
+    `max_size`, in the reference's arithmetic (DETR's `get_size_with_aspect_ratio`, which kakaobrain/sparse-detr
+    keeps), so that converted checkpoints see the reference's pixels:
+
+    - the target short side is `size`, or round(max_size * short / long) when the long side would exceed max_size;
+    - the long side is then floored: int(size * long / short); an image whose short side already is `size` stays.
+
+    detectron2's `ResizeShortestEdge` rounds the long side instead: a 600x512 (h x w) photo becomes 937x800 here,
+    938x800 there. Both resize with PIL's bilinear filter.
+    """
+
+    def __init__(self, short_edge_length: Sequence[int], max_size: Optional[int] = None):
+        super().__init__()
+        self.short_edge_length = list(short_edge_length)
+        self.max_size = max_size
+
+    @staticmethod
+    def get_output_shape(height: int, width: int, size: int, max_size: Optional[int]) -> Tuple[int, int]:
+        """(new height, new width) of a height x width image."""
+        short, long = min(height, width), max(height, width)
+        if max_size is not None and long / short * size > max_size:
+            size = int(round(max_size * short / long))
+        if short == size:
+            return height, width
+        if width < height:
+            return int(size * height / width), size
+        return size, int(size * width / height)
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        height, width = image.shape[:2]
+        size = int(np.random.choice(self.short_edge_length))
+        new_height, new_width = self.get_output_shape(height, width, size, self.max_size)
+        if (new_height, new_width) == (height, width):
+            return T.NoOpTransform()
+        return T.ResizeTransform(height, width, new_height, new_width)
+
+
+def _shortest_edge_resize(cfg: CfgNode, sizes: Sequence[int], max_size: Optional[int], sample_style: str):
+    """The resize of INPUT.RESIZE_ROUNDING: detectron2's, or the reference's (which only picks from a list)."""
+    rounding = cfg.INPUT.RESIZE_ROUNDING
+    if rounding not in RESIZE_ROUNDINGS:
+        raise ValueError(f"INPUT.RESIZE_ROUNDING must be one of {RESIZE_ROUNDINGS}, got {rounding!r}")
+    if rounding == "detectron2":
+        return T.ResizeShortestEdge(sizes, max_size if max_size is not None else sys.maxsize, sample_style)
+    if sample_style != "choice":
+        raise ValueError(
+            f"INPUT.RESIZE_ROUNDING 'reference' picks sizes from a list: INPUT.MIN_SIZE_TRAIN_SAMPLING must be "
+            f"'choice', got {sample_style!r}"
+        )
+    return ReferenceResizeShortestEdge([sizes] if isinstance(sizes, int) else sizes, max_size)
+
+
 def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
     """The reference's ``make_coco_transforms`` from a config.
 
@@ -46,9 +104,10 @@ def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation
     crop (``INPUT.CROP.TYPE``/``SIZE``, the reference's ``RandomSizeCrop(384, 600)`` is ``"absolute_range"``) and
     the same multi-scale resize. Without ``INPUT.CROP.ENABLED`` only the first branch is used.
     Test: resize the shorter side to ``INPUT.MIN_SIZE_TEST``, longer side <= ``INPUT.MAX_SIZE_TEST``.
+    Every resize rounds as ``INPUT.RESIZE_ROUNDING`` says (see :class:`ReferenceResizeShortestEdge`).
     """
     if not is_train:
-        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, sample_style="choice")]
+        return [_shortest_edge_resize(cfg, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
     augs: List[T.Augmentation] = []
     if cfg.INPUT.RANDOM_FLIP != "none":
@@ -59,15 +118,15 @@ def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation
         )
 
     def multi_scale_resize() -> T.Augmentation:
-        return T.ResizeShortestEdge(
-            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, sample_style=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        return _shortest_edge_resize(
+            cfg, cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
         )
 
     if not cfg.INPUT.CROP.ENABLED:
         return augs + [multi_scale_resize()]
     crop_branch = [
         # No bound on the longer side here, as the reference's RandomResize([400, 500, 600]).
-        T.ResizeShortestEdge(cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP, sample_style="choice"),
+        _shortest_edge_resize(cfg, cfg.INPUT.CROP.MIN_SIZE_BEFORE_CROP, None, "choice"),
         T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
         multi_scale_resize(),
     ]

@@ -4,13 +4,33 @@
 of that name would shadow it on the package.)
 """
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ms_deform_attn_op import ms_deform_attn
+
+__all__ = ["MSDeformAttn", "UnprojectedValue"]
+
+
+class UnprojectedValue(NamedTuple):
+    """Values for :class:`MSDeformAttn` to sample before projecting them (see its forward).
+
+    tokens: [N, S, 1, C + 1], the tokens with padded ones zeroed, then a channel that is 1 on valid tokens and 0 on
+        padding: sampled with the rest, it carries the share of the projection's bias that the zero padding of the
+        projected values would keep.
+    """
+
+    tokens: Tensor
+
+    @classmethod
+    def of(cls, value: Tensor, padding_mask: Optional[Tensor]) -> "UnprojectedValue":
+        """value: [N, S, C] tokens; padding_mask: [N, S] bool, True on padded tokens (or None)."""
+        valid = value.new_ones(value.shape[:2]) if padding_mask is None else (~padding_mask).to(value.dtype)
+        tokens = value if padding_mask is None else value.masked_fill(padding_mask[..., None], 0.0)
+        return cls(torch.cat([tokens, valid[..., None]], -1).unsqueeze(2))
 
 
 class MSDeformAttn(nn.Module):
@@ -19,6 +39,11 @@ class MSDeformAttn(nn.Module):
     Offsets and attention weights are linear in the query; the values are bilinearly sampled from every level.
     The forward also returns the sampling locations and attention weights: Sparse DETR builds its decoder
     attention map (DAM) from them.
+
+    Given an :class:`UnprojectedValue`, the forward samples the C-channel tokens and projects the samples instead
+    (value_proj is linear and the sampling is a weighted sum, so the two orders agree to float rounding). Worth it
+    where the queries sample fewer points than there are tokens: Deformable DETR's decoder, 300 queries x 8 heads x
+    16 points against 18,549 tokens at 850x1040, skips a 256x256 projection of every token in every layer.
 
     Args:
         d_model: channels of queries and values.
@@ -69,7 +94,7 @@ class MSDeformAttn(nn.Module):
         self,
         query: Tensor,
         reference_points: Tensor,
-        value: Tensor,
+        value: Union[Tensor, UnprojectedValue],
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Optional[Tensor] = None,
@@ -79,23 +104,19 @@ class MSDeformAttn(nn.Module):
             query: [N, Lq, C]
             reference_points: [N, Lq, n_levels, 2] normalized (x, y), (0, 0) top-left and (1, 1) bottom-right of
                 the padded map; or [N, Lq, n_levels, 4] boxes (cx, cy, w, h), offsets then scale with the box.
-            value: [N, S, C] the flattened multi-level features, S = sum of H_l * W_l
+            value: [N, S, C] the flattened multi-level features, S = sum of H_l * W_l; or the same as an
+                :class:`UnprojectedValue` (which holds the padding mask itself)
             spatial_shapes: [n_levels, 2] long, (H_l, W_l)
             level_start_index: [n_levels] long, offset of each level in S
-            padding_mask: [N, S] bool, True on padded tokens (their values are zeroed)
+            padding_mask: [N, S] bool, True on padded tokens (their values are zeroed); unused with an
+                :class:`UnprojectedValue`
         Returns:
             output: [N, Lq, C]
             sampling_locations: [N, Lq, n_heads, n_levels, n_points, 2] normalized (x, y)
             attention_weights: [N, Lq, n_heads, n_levels, n_points], softmax over levels x points
         """
         N, Lq, _ = query.shape
-        S = value.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points
-
-        value = self.value_proj(value)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(N, S, M, self.d_model // M)
 
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P)
@@ -115,9 +136,60 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must end with 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
             )
+        if isinstance(value, UnprojectedValue):
+            output = self._sample_then_project(value, spatial_shapes, level_start_index, locations, weights)
+        else:
+            output = self._project_then_sample(value, spatial_shapes, level_start_index, padding_mask, locations,
+                                               weights)
+        return self.output_proj(output), locations, weights
+
+    def _project_then_sample(
+        self,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Optional[Tensor],
+        locations: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """value [N, S, C] -> [N, Lq, C] (heads concatenated), before output_proj."""
+        N, S, _ = value.shape
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            # in place on the fresh projection (its backward does not need it): one pass over [N, S, C] instead of
+            # a copy and a pass, in every layer
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
+        value = value.view(N, S, self.n_heads, self.d_model // self.n_heads)
         # Under autocast the projections come out in half precision while the locations and the softmax stay in
         # float32. Run the op in the widest of the three rather than the narrowest: bf16 locations would be off
         # by up to half a pixel on a 130-wide level.
         dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
-        output = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype))
-        return self.output_proj(output), locations, weights
+        return ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype),
+                              weights.to(dtype))
+
+    def _sample_then_project(
+        self,
+        value: UnprojectedValue,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        locations: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """The same as :meth:`_project_then_sample` from the unprojected tokens: every (query, head) samples all
+        C + 1 channels as one single-head query of the op, then each head applies its rows of value_proj (weight
+        and, on the carried valid channel, bias)."""
+        N, Lq, M, L, P, _ = locations.shape
+        D = self.d_model // M
+        tokens = value.tokens
+        dtype = torch.promote_types(torch.promote_types(tokens.dtype, locations.dtype), weights.dtype)
+        samples = ms_deform_attn(
+            tokens.to(dtype),
+            spatial_shapes,
+            level_start_index,
+            locations.reshape(N, Lq * M, 1, L, P, 2).to(dtype),
+            weights.reshape(N, Lq * M, 1, L, P).to(dtype),
+        )  # [N, Lq * M, C + 1]
+        # [M, D, C + 1]: head m's rows of the projection, its bias as the last column
+        projection = torch.cat([self.value_proj.weight, self.value_proj.bias[:, None]], 1).view(M, D, -1)
+        heads = torch.bmm(samples.view(N * Lq, M, -1).transpose(0, 1), projection.transpose(1, 2).to(dtype))
+        return heads.transpose(0, 1).reshape(N, Lq, M * D)  # [M, N * Lq, D] -> [N, Lq, M * D]

@@ -1,14 +1,14 @@
 """Deformable decoder: query self-attention, deformable cross-attention to the encoder memory, optional iterative
 box refinement."""
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.box_ops import apply_box_delta
-from ..layers.multi_scale_deform_attn import MSDeformAttn
+from ..layers.multi_scale_deform_attn import MSDeformAttn, UnprojectedValue
 from .levels import FlatLevels
 
 __all__ = ["DecoderOutput", "DeformableDecoderLayer", "DeformableDecoder"]
@@ -72,7 +72,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt: Tensor,
         query_pos: Tensor,
         reference_points: Tensor,
-        memory: Tensor,
+        memory: Union[Tensor, UnprojectedValue],
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Optional[Tensor],
@@ -82,7 +82,7 @@ class DeformableDecoderLayer(nn.Module):
             tgt: [N, Q, C] query features.
             query_pos: [N, Q, C] query position embedding.
             reference_points: [N, Q, L, 2 or 4] in each level's padded frame.
-            memory: [N, S, C] encoder output.
+            memory: [N, S, C] encoder output (or as an :class:`UnprojectedValue`, see :class:`MSDeformAttn`).
             spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
         Returns:
             tgt: [N, Q, C]
@@ -123,6 +123,7 @@ class DeformableDecoder(nn.Module):
         memory: Tensor,
         levels: FlatLevels,
         bbox_heads: Optional[Sequence[nn.Module]] = None,
+        sample_then_project: bool = False,
     ) -> DecoderOutput:
         """
         Args:
@@ -133,7 +134,12 @@ class DeformableDecoder(nn.Module):
             levels: the layout of the memory's tokens.
             bbox_heads: per layer, a head predicting box deltas in logit space from that layer's output; given,
                 each layer's reference becomes the refined (detached) box of the previous one.
+            sample_then_project: the cross-attention samples the memory before projecting it (an
+                :class:`UnprojectedValue` built once for all layers): the same output with far fewer FLOPs, for
+                inference (training keeps the projection the reference computes).
         """
+        if sample_then_project:
+            memory = UnprojectedValue.of(memory, levels.padding_mask)
         valid_ratios = levels.valid_ratios
         hs, references, sampling_locations, attention_weights = [], [], [], []
         output = tgt

@@ -5,7 +5,16 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["FlatLevels", "valid_sizes", "valid_ratio"]
+__all__ = ["FlatLevels", "size_min", "valid_sizes", "valid_ratio"]
+
+
+def size_min(a, b):
+    """The smaller of two sizes, whatever tracer made them: Python ints in eager mode, symbolic ints under
+    torch.export (`torch.sym_min` keeps both cases in the graph, where `min` would fix one), 0-dim tensors under
+    torch.jit.trace (fvcore's FLOP counter)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return min(a, b)
+    return torch.sym_min(a, b)
 
 
 def valid_sizes(mask: Tensor) -> Tensor:
@@ -42,7 +51,8 @@ class FlatLevels:
     def from_masks(cls, masks: Sequence[Tensor]) -> "FlatLevels":
         """masks: per level [N, H_l, W_l] bool, True on padding."""
         shapes = [(m.shape[1], m.shape[2]) for m in masks]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=masks[0].device)
+        # torch.tensor, not torch.as_tensor: under torch.export the sizes stay symbolic
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=masks[0].device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return cls(
             shapes=shapes,

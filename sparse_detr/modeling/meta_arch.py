@@ -1,11 +1,10 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
@@ -14,8 +13,9 @@ from torchvision.ops import box_convert
 
 from ..layers.position_encoding import PositionEmbeddingSine
 from .criterion import LossInputs, SetCriterion
+from .fast_inference import InferenceBackbone, tensor_fingerprint
 from .heads import DetectionHeads, HeadLayout
-from .levels import valid_sizes
+from .levels import size_min, valid_sizes
 from .structures import Prediction, Target
 from .transformer import DeformableTransformer, TransformerOutput
 
@@ -36,6 +36,13 @@ class SparseDETR(nn.Module):
     DAM correlation go to the current EventStorage. Inference returns `[{"instances": Instances}]` with
     `pred_boxes`, `scores` and `pred_classes` in the original image size ("height"/"width" of the input).
 
+    With `fast_inference` (the default) inference computes the same outputs (to float rounding) with less work:
+    the backbone runs as :class:`InferenceBackbone` (frozen batch norms folded, channels_last), a copy made on the
+    first inference forward and again after `load_state_dict` or whenever the backbone's parameters or buffers
+    change, and the transformer runs its `fast` path (the decoder samples the memory before projecting it; two-stage
+    proposal boxes only for the queries). Training, `state_dict()` and checkpoint loading only ever see the model
+    itself.
+
     Errors name the argument and the config key it is read from.
     """
 
@@ -55,6 +62,7 @@ class SparseDETR(nn.Module):
         with_box_refine: bool = False,
         use_enc_aux_loss: bool = False,
         num_detections: int = 100,
+        fast_inference: bool = True,
     ):
         """
         Args:
@@ -70,6 +78,8 @@ class SparseDETR(nn.Module):
             use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last (the
                 selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
             num_detections: detections kept per image (top-k over queries x classes).
+            fast_inference: run inference on the folded channels_last copy of the backbone, and the transformer's
+                fast path.
         """
         super().__init__()
         output_shape: Dict[str, ShapeSpec] = backbone.output_shape()
@@ -107,6 +117,12 @@ class SparseDETR(nn.Module):
         self.with_box_refine = with_box_refine
         self.use_enc_aux_loss = use_enc_aux_loss
         self.num_detections = num_detections
+        self.fast_inference = fast_inference
+        # (fingerprint of the backbone's tensors, InferenceBackbone built from them); a tuple, so that the copy is
+        # not registered as a submodule (it must stay out of state_dict(), parameters() and training)
+        self._inference_backbone: Optional[Tuple[Tuple, InferenceBackbone]] = None
+        # loaded weights always mean a new copy, even where version counters cannot tell (inference tensors)
+        self.register_load_state_dict_post_hook(SparseDETR._forget_inference_backbone)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -158,6 +174,7 @@ class SparseDETR(nn.Module):
             "with_box_refine": S.WITH_BOX_REFINE,
             "use_enc_aux_loss": S.USE_ENC_AUX_LOSS,
             "num_detections": S.NUM_DETECTIONS,
+            "fast_inference": S.FAST_INFERENCE,
         }
 
     @property
@@ -185,10 +202,35 @@ class SparseDETR(nn.Module):
         # alone, as Deformable DETR does; the paper's rows set both or neither, where the two agree.
         return self.with_box_refine or self.transformer.two_stage
 
+    def train(self, mode: bool = True) -> "SparseDETR":
+        if mode:
+            self._inference_backbone = None  # training never uses the copy: free its memory
+        return super().train(mode)
+
+    @staticmethod
+    def _forget_inference_backbone(module: "SparseDETR", incompatible_keys: Any) -> None:
+        """load_state_dict's post hook (a named function, so that the model pickles)."""
+        module._inference_backbone = None
+
+    def inference_backbone(self) -> nn.Module:
+        """The backbone inference runs: with `fast_inference` its :class:`InferenceBackbone` copy, rebuilt when
+        the backbone's tensors have changed since it was made (loaded weights, `.to()`, an optimizer step), else
+        the backbone itself."""
+        if not self.fast_inference or isinstance(self.backbone, InferenceBackbone):
+            return self.backbone
+        fingerprint = tensor_fingerprint(self.backbone)
+        if self._inference_backbone is None or self._inference_backbone[0] != fingerprint:
+            self._inference_backbone = (fingerprint, InferenceBackbone(self.backbone))
+        return self._inference_backbone[1]
+
     # ------------------------------------------------------------------------------------------------ inputs
+    def normalize(self, image: Tensor) -> Tensor:
+        """[C, H, W] pixels in the input format -> normalized, on the model's device."""
+        return (image.to(self.device) - self.pixel_mean) / self.pixel_std
+
     def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
         """Normalize and pad the images to one batch (bottom/right padding)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [self.normalize(x["image"]) for x in batched_inputs]
         return ImageList.from_tensors(
             images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
         )
@@ -198,8 +240,9 @@ class SparseDETR(nn.Module):
         """[N, H, W] bool, True on the pixels that padding added."""
         H, W = images.tensor.shape[-2:]
         device = images.tensor.device
-        # under jit tracing (fvcore, export) ImageList already holds the sizes as tensors
-        sizes = [s if isinstance(s, Tensor) else shapes_to_tensor(s, device) for s in images.image_sizes]
+        # under jit tracing (fvcore) ImageList already holds the sizes as tensors; torch.tensor (unlike
+        # torch.as_tensor) keeps torch.export's symbolic sizes symbolic
+        sizes = [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in images.image_sizes]
         sizes = torch.stack(sizes).to(device)
         rows = torch.arange(H, device=device)[None, :, None] >= sizes[:, 0, None, None]
         cols = torch.arange(W, device=device)[None, None, :] >= sizes[:, 1, None, None]
@@ -233,9 +276,10 @@ class SparseDETR(nn.Module):
         return targets
 
     # ------------------------------------------------------------------------------------------------ model
-    def _multi_level_inputs(self, images: ImageList) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def _multi_level_inputs(
+        self, images: ImageList, features: Dict[str, Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Projected maps, padding masks and position embeddings of every transformer level."""
-        features = self.backbone(images.tensor)
         mask = self.padding_mask(images)
         maps = [features[f] for f in self.in_features]
         srcs = [proj(x) for proj, x in zip(self.input_proj, maps)]
@@ -249,8 +293,9 @@ class SparseDETR(nn.Module):
         pos = [self.position_embedding(m).to(src.dtype) for src, m in zip(srcs, masks)]
         return srcs, masks, pos
 
-    def _run_transformer(self, images: ImageList) -> TransformerOutput:
-        srcs, masks, pos = self._multi_level_inputs(images)
+    def _run_transformer(self, images: ImageList, features: Dict[str, Tensor]) -> TransformerOutput:
+        """features: the backbone's maps of `images.tensor`."""
+        srcs, masks, pos = self._multi_level_inputs(images, features)
         query_embed = None if self.transformer.two_stage else self.query_embed.weight
         return self.transformer(
             srcs,
@@ -260,6 +305,7 @@ class SparseDETR(nn.Module):
             self.heads,
             refine_boxes=self.refine_boxes,
             enc_aux=self.training and self.use_enc_aux_loss,
+            fast=not self.training and self.fast_inference,
         )
 
     def _decoder_predictions(self, out: TransformerOutput, layers: Sequence[int]) -> List[Prediction]:
@@ -280,7 +326,7 @@ class SparseDETR(nn.Module):
             return self._inference(batched_inputs)[0]
         images = self.preprocess_image(batched_inputs)
         targets = self.prepare_targets(batched_inputs)
-        out = self._run_transformer(images)
+        out = self._run_transformer(images, self.backbone(images.tensor))
         num_dec = self.head_layout.num_decoder_layers
         preds = self._decoder_predictions(out, range(num_dec) if self.aux_loss else [num_dec - 1])
         inputs = LossInputs(
@@ -311,15 +357,24 @@ class SparseDETR(nn.Module):
         self, batched_inputs: List[Dict[str, Any]]
     ) -> Tuple[List[Dict[str, Instances]], TransformerOutput]:
         images = self.preprocess_image(batched_inputs)
-        out = self._run_transformer(images)
-        logits, boxes = self._decoder_predictions(out, [self.head_layout.num_decoder_layers - 1])[0]
-        results = self.inference(logits, boxes, images.image_sizes)
+        results, out = self.detect(images, self.inference_backbone()(images.tensor))
         processed = []
         for result, x, size in zip(results, batched_inputs, images.image_sizes):
             height = x.get("height", size[0])
             width = x.get("width", size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed, out
+
+    def detect(self, images: ImageList, features: Dict[str, Tensor]) -> Tuple[List[Instances], TransformerOutput]:
+        """Detections of a preprocessed batch, in the padded input's pixels (before `detector_postprocess`).
+
+        Args:
+            images: normalized, padded images.
+            features: the backbone's (or :meth:`inference_backbone`'s) maps of `images.tensor`.
+        """
+        out = self._run_transformer(images, features)
+        logits, boxes = self._decoder_predictions(out, [self.head_layout.num_decoder_layers - 1])[0]
+        return self.inference(logits, boxes, images.image_sizes), out
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
         """Top `num_detections` (query, class) pairs per image by sigmoid score.
@@ -332,7 +387,7 @@ class SparseDETR(nn.Module):
             per image Instances of size (h, w) with pred_boxes (XYXY pixels), scores, pred_classes.
         """
         N, Q, C = logits.shape
-        scores, index = logits.sigmoid().view(N, -1).topk(min(self.num_detections, Q * C), dim=1)
+        scores, index = logits.sigmoid().view(N, -1).topk(size_min(self.num_detections, Q * C), dim=1)
         query = torch.div(index, C, rounding_mode="floor")
         labels = index % C
         boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query[..., None].expand(-1, -1, 4))

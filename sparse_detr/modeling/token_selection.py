@@ -91,8 +91,11 @@ def select_top_rho_tokens(scores: Tensor, padding_mask: Tensor, rho: float) -> T
         the selection; num_kept is :func:`num_selected_tokens` of the valid tokens.
     """
     num_kept = num_selected_tokens((~padding_mask).sum(dim=1), rho)
-    # one host sync: topk needs K as a Python int
-    k = min(int(num_kept.max()), scores.shape[1])
+    # One host sync: topk needs K as a Python int (K <= S: num_kept <= valid tokens). Under torch.export K stays a
+    # data-dependent size of the graph, computed from the image size as in eager mode; the check tells the tracer
+    # it is a positive size.
+    k = num_kept.max().item()
+    torch._check(k >= 1)
     ranked = scores.detach().masked_fill(padding_mask, float("-inf"))
     return TokenSelection(scores=scores, indices=ranked.topk(k, dim=1).indices, num_kept=num_kept)
 

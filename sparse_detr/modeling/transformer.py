@@ -18,7 +18,7 @@ from ..layers.position_encoding import sine_embedding
 from .deformable_decoder import DecoderOutput, DeformableDecoder
 from .deformable_encoder import DeformableEncoder, gather_tokens
 from .heads import DetectionHeads
-from .levels import FlatLevels, valid_sizes
+from .levels import FlatLevels, size_min, valid_sizes
 from .structures import Prediction
 from .token_selection import ScoringNetwork, TokenSelection, select_top_rho_tokens
 
@@ -221,7 +221,7 @@ class DeformableTransformer(nn.Module):
 
     def _project_tokens(self, tokens: Tensor, padding_mask: Tensor, proposal_valid: Tensor) -> Tensor:
         """enc_output + LayerNorm of the tokens, padded tokens and tokens without a valid anchor zeroed first."""
-        tokens = tokens.masked_fill(padding_mask[..., None], 0.0).masked_fill(~proposal_valid, 0.0)
+        tokens = tokens.masked_fill(padding_mask[..., None] | ~proposal_valid, 0.0)
         return self.enc_output_norm(self.enc_output(tokens))
 
     def forward(
@@ -233,6 +233,7 @@ class DeformableTransformer(nn.Module):
         heads: DetectionHeads,
         refine_boxes: bool = False,
         enc_aux: bool = False,
+        fast: bool = False,
     ) -> TransformerOutput:
         """
         Args:
@@ -244,6 +245,9 @@ class DeformableTransformer(nn.Module):
                 their encoder aux heads with enc_aux).
             refine_boxes: each decoder layer refines the reference boxes with its box head.
             enc_aux: run the encoder aux heads.
+            fast: (inference) the same outputs with less work: the decoder samples before projecting (see
+                :class:`MSDeformAttn`), and two-stage proposals get boxes only where they become queries (the
+                output's `proposals`, which only training reads, is then None).
         The encoder keeps the share `rho` of the tokens in training mode, `inference_rho` in eval mode.
         """
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
@@ -281,14 +285,19 @@ class DeformableTransformer(nn.Module):
             output_memory = self._project_tokens(memory, padding_mask, proposal_valid)
             proposal_head = heads.proposal
             enc_class = proposal_head.cls(output_memory)
-            enc_coord_unact = proposals + proposal_head.box(output_memory)
-            proposal_predictions = Prediction(enc_class, enc_coord_unact.sigmoid())
-
             objectness = enc_class.max(-1).values if self.eff_specific_head else enc_class[..., 0]
             # a tiny image may have fewer tokens than queries
-            k = min(self.num_queries, objectness.shape[1])
+            k = size_min(self.num_queries, objectness.shape[1])
             topk_proposals = objectness.topk(k, dim=1).indices
-            topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
+            if fast:
+                # the box head on the k queries' tokens only, not on all S
+                topk_coords_unact = gather_tokens(proposals, topk_proposals) + proposal_head.box(
+                    gather_tokens(output_memory, topk_proposals)
+                )
+            else:
+                enc_coord_unact = proposals + proposal_head.box(output_memory)
+                proposal_predictions = Prediction(enc_class, enc_coord_unact.sigmoid())
+                topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
             reference_points = topk_coords_unact.sigmoid()
             # 4 coordinates x d/2 features = 2d (the reference hard-codes 128 features, i.e. d = 256)
             box_embed = sine_embedding(topk_coords_unact.sigmoid() * (2 * math.pi), self.d_model // 2).flatten(2)
@@ -313,5 +322,6 @@ class DeformableTransformer(nn.Module):
             memory,
             levels,
             bbox_heads=[head.box for head in heads.decoder] if refine_boxes else None,
+            sample_then_project=fast,
         )
         return TransformerOutput(levels, decoder, proposal_predictions, selection, encoder_aux)

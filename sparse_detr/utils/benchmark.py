@@ -5,9 +5,6 @@ sparse encoder keeps int(rho * tokens) + 1 tokens whatever it scores). Timings e
 models take turns iteration by iteration, so a change in machine load hits all of them alike and the speed-up column
 stays comparable.
 """
-import os
-import platform
-import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, ContextManager, Dict, List, Sequence
@@ -21,8 +18,9 @@ from torch import nn
 
 from ..config import setup_cfg
 from .analysis import random_input
+from .timing import describe_device, interleaved_times
 
-__all__ = ["describe_device", "measure", "model_name", "resolve_config_path", "run_benchmark"]
+__all__ = ["measure", "model_name", "resolve_config_path", "run_benchmark"]
 
 
 def resolve_config_path(path: str, root: str) -> str:
@@ -47,19 +45,6 @@ def model_name(cfg: CfgNode) -> str:
     return " + ".join(["Deformable DETR"] + extras)
 
 
-def describe_device(device: torch.device) -> str:
-    """The GPU's name and CUDA version, or the CPU's model with its logical CPUs and torch's threads."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
-
-
 def _autocast(device: torch.device, amp: bool) -> ContextManager:
     if not amp:
         return nullcontext()
@@ -81,26 +66,13 @@ def measure(
     iters: int,
     amp: bool = False,
 ) -> Dict[str, List[float]]:
-    """Seconds per forward of `batch` for each model, `iters` times after `warmup` untimed runs each.
-
-    The models alternate within every iteration (in rotating order), so slow phases of a machine shared with other work are
-    spread over all of them.
-    """
-    names = list(models)
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    """Seconds per forward of `batch` for each model, `iters` times after `warmup` untimed runs each, the models
+    taking turns (see :func:`~sparse_detr.utils.timing.interleaved_times`)."""
     with _autocast(device, amp):
-        for _ in range(warmup):
-            for name in names:
-                models[name](batch)
-        for it in range(iters):
-            for k in range(len(names)):
-                name = names[(it + k) % len(names)]
-                _sync(device)
-                start = time.perf_counter()
-                models[name](batch)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-    return times
+        return interleaved_times(
+            {name: (lambda m=model: m(batch)) for name, model in models.items()}, warmup, iters,
+            sync=lambda: _sync(device),
+        )
 
 
 def run_benchmark(

@@ -47,7 +47,8 @@ def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> Number:
 
 class FlopCountAnalysis(_D2FlopCountAnalysis):
     """detectron2's :class:`~detectron2.utils.analysis.FlopCountAnalysis` (models taking `list[dict]`, elementwise
-    ops not counted) that also counts `sparse_detr::ms_deform_attn` and really leaves out batch norm.
+    ops not counted) that also counts `sparse_detr::ms_deform_attn`, really leaves out batch norm and counts the
+    plain inference path (not the fast one).
 
     detectron2 means not to count `aten::batch_norm` (frozen BN folds into the convolution at inference), but
     fvcore lets its default handle win over an ignored op, so its FLOPs would be counted; the reference's
@@ -62,3 +63,16 @@ class FlopCountAnalysis(_D2FlopCountAnalysis):
         super().__init__(model, inputs)
         self._op_handles.pop("aten::batch_norm", None)
         self.set_op_handle(MS_DEFORM_ATTN_OP, ms_deform_attn_flop_jit)
+
+    def _analyze(self):
+        # Count the model as the paper defines it, as the reference computes it: the fast inference path
+        # (`SparseDETR.fast_inference`) gets the same outputs with fewer FLOPs (the decoder samples before
+        # projecting, proposal boxes only for the queries), which the paper's figures are not about.
+        fast = [m for m in self._model.modules() if getattr(m, "fast_inference", False)]
+        for m in fast:
+            m.fast_inference = False
+        try:
+            return super()._analyze()
+        finally:
+            for m in fast:
+                m.fast_inference = True

@@ -84,3 +84,26 @@ def test_runs_under_autocast_in_float32_with_the_eager_result():
     assert loc.dtype == torch.float32
     # only the bf16 projections differ, not where the op samples
     assert torch.allclose(out.float(), eager, atol=0.1)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_sampling_before_projecting_gives_the_same_output(ref_dim):
+    """UnprojectedValue: sample the tokens, then project (bias carried by the valid channel, padding zero)."""
+    from sparse_detr.layers.multi_scale_deform_attn import UnprojectedValue
+
+    m = _module()
+    with torch.no_grad():
+        m.sampling_offsets.weight.normal_()
+        m.attention_weights.weight.normal_()
+        m.value_proj.bias.normal_()  # a bias, so that the padded tokens' zeros matter
+    q, value = torch.randn(2, 5, 16), torch.randn(2, S, 16)
+    ref = torch.rand(2, 5, 2, ref_dim) * torch.tensor([1.0, 1.0, 0.5, 0.5])[:ref_dim]
+    padding = torch.zeros(2, S, dtype=torch.bool)
+    padding[1, 20:24] = padding[1, 28:] = True  # the second image is padded on both levels
+    with torch.no_grad():
+        expected, loc, weights = m(q, ref, value, SHAPES, START, padding)
+        out, loc2, weights2 = m(q, ref, UnprojectedValue.of(value, padding), SHAPES, START)
+        unpadded, _, _ = m(q, ref, UnprojectedValue.of(value, None), SHAPES, START)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(loc, loc2) and torch.equal(weights, weights2)
+    torch.testing.assert_close(unpadded, m(q, ref, value, SHAPES, START)[0], rtol=1e-5, atol=1e-6)

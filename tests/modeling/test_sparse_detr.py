@@ -112,7 +112,7 @@ def test_boxes_given_from_python_must_be_xyxy(tiny_cfg, tiny_inputs):
 def _transformer_outputs(model, inputs):
     images = model.preprocess_image(inputs)
     with torch.no_grad():
-        return images, model._run_transformer(images)
+        return images, model._run_transformer(images, model.backbone(images.tensor))
 
 
 def test_padding_masks_and_per_image_token_counts(tiny_cfg, tiny_inputs):

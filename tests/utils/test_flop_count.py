@@ -84,3 +84,22 @@ def test_handle_scales_with_every_dimension():
         ms_deform_attn_flop_jit([value, others[0], others[1], others[2], others[2]], [])
     with pytest.raises(ValueError, match="5 inputs"):
         ms_deform_attn_flop_jit(inputs[:3], [])
+
+
+def test_the_plain_inference_path_is_counted(tiny_cfg):
+    """The fast path does less work for the same outputs; the FLOPs are those of the model as the paper defines it."""
+    from detectron2.modeling import build_model
+
+    from sparse_detr.utils.analysis import random_input
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(WITH_BOX_REFINE=True, TWO_STAGE=True)
+    fast = build_model(cfg).eval()
+    cfg.MODEL.SPARSE_DETR.FAST_INFERENCE = False
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    inputs = [random_input(64, 96)]
+    with torch.no_grad():
+        counted = FlopCountAnalysis(fast, inputs).total()
+        assert counted == FlopCountAnalysis(plain, inputs).total()
+    assert fast.fast_inference  # restored

@@ -1,0 +1,35 @@
+"""projects/SparseDETR/benchmark_deploy.py (its logic: sparse_detr.export.benchmark): one table of paths."""
+from pathlib import Path
+
+import pytest
+
+from sparse_detr.export.benchmark import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
+
+
+def test_eager_paths_in_one_table(capsys):
+    # the export paths take the time of an export each; eager and compile do not need one
+    out = main(["--config-file", SMOKE, "--paths", "eager-plain", "eager-fast", "--input-size", "64", "96",
+                "--warmup", "0", "--iters", "2", "MODEL.DEVICE", "cpu"])
+    assert list(out["rows"]) == ["eager-plain", "eager-fast"]
+    for row in out["rows"].values():
+        assert row["seconds"] > 0
+        assert row["peak_bytes"] >= 0  # (tests/utils/test_timing.py checks the measurement itself)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert "speed-up vs eager-plain" in table[0] and "peak MiB" in table[0]
+    assert len(table) == 2 + 2 and "| 1.00x" in table[2]
+
+
+@pytest.mark.parametrize(
+    "argv, error, match",
+    [
+        (["--config-file", SMOKE, "--iters", "0", "MODEL.DEVICE", "cpu"], ValueError, "--iters"),
+        (["--config-file", "no_such.yaml"], FileNotFoundError, "--config-file: no such file"),
+        (["--config-file", SMOKE, "MODEL.DEVICE", "cuda"], ValueError, "MODEL.DEVICE cpu"),
+    ],
+)
+def test_bad_arguments(argv, error, match):
+    with pytest.raises(error, match=match):
+        main(argv)

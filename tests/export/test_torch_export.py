@@ -1,0 +1,62 @@
+"""torch.export of the tiny paper variants: the ExportedProgram keeps the compiled op, takes any image size and
+computes what the eager model computes."""
+import pytest
+import torch
+from export_cases import SIZES, random_image
+
+from sparse_detr.export import Detections, compare, eager_detections, export_program
+
+OP = torch.ops.sparse_detr.ms_deform_attn.default
+
+
+def _calls(program, target):
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def test_the_compiled_op_stays_one_node(exported):
+    _, model, program = exported
+    layers = model.transformer.encoder.num_layers + model.transformer.decoder.num_layers
+    assert len(_calls(program, OP)) == layers
+    # height and width are inputs of the graph, not constants
+    image = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "image")
+    assert all(isinstance(d, torch.SymInt) for d in image.meta["val"].shape[1:])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_exported_program_matches_eager(exported, size):
+    _, model, program = exported
+    image = random_image(*size, seed=1)
+    with torch.no_grad():
+        parity = compare(eager_detections(model, image), Detections(*program.module()(image)))
+    # the same ops on the same kernels: equal up to reordered float sums
+    assert parity.within_tolerance and parity.max_score_diff < 1e-6, parity
+
+
+def test_kept_token_count_follows_the_image_size(exported):
+    """Sparse DETR's K = int(rho * tokens) + 1 is computed in the graph from the image, at TEST_RHO."""
+    variant, model, program = exported
+    if variant != "sparse":
+        pytest.skip("dense encoder")
+    counts = []
+    interpreter = torch.fx.Interpreter(program.module())
+    original = interpreter.run_node
+
+    def record(node):
+        out = original(node)
+        if node.target is torch.ops.aten.item.default:
+            counts.append(int(out))
+        return out
+
+    interpreter.run_node = record
+    expected = []
+    for h, w in SIZES:
+        interpreter.run(random_image(h, w))
+        tokens = sum(-(-h // s) * -(-w // s) for s in (8, 16, 32, 64))
+        expected.append(int(tokens * 0.1) + 1)  # TEST_RHO, not RHO (0.3)
+    assert counts == expected and expected[0] != expected[1]
+
+
+def test_bad_example_image(exported):
+    _, model, _ = exported
+    with pytest.raises(ValueError, match="image: the example must be"):
+        export_program(model, random_image(40, 300))
