@@ -23,10 +23,10 @@ from detectron2.modeling import build_model
 from tabulate import tabulate
 from torch import Tensor
 
+from ..config import setup_cfg
 from ..modeling.meta_arch import SparseDETR
 from ..utils.analysis import random_input
 from ..utils.timing import describe_device, interleaved_times, peak_memory_growth
-from .tool import setup_cfg
 from .torch_export import export_program, package_aoti
 from .wrapper import ExportableSparseDETR
 

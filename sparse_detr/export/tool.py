@@ -2,39 +2,29 @@
 import argparse
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from torch import Tensor
 from torch.export import ExportedProgram
 
-from ..config import add_sparse_detr_config
+from ..config import setup_cfg
 from ..data.transforms import build_detr_augmentation
 from ..modeling.meta_arch import SparseDETR
 from .torch_export import coarsest_stride, example_image, export_program, package_aoti
 from .verify import Detections, Parity, compare, eager_detections, parity_report
 
-__all__ = ["FORMATS", "get_parser", "main", "setup_cfg"]
+__all__ = ["FORMATS", "get_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
 # --format -> file written under --output
 FORMATS = {"onnx": "model.onnx", "torch_export": "model.pt2", "aoti": "model_aoti.pt2"}
-
-
-def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config of a file plus `KEY VALUE` overrides, frozen."""
-    cfg = get_cfg()
-    add_sparse_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
 
 
 def get_parser() -> argparse.ArgumentParser:
