@@ -5,6 +5,7 @@ sparse encoder keeps int(rho * tokens) + 1 tokens whatever it scores). Timings e
 models take turns iteration by iteration, so a change in machine load hits all of them alike and the speed-up column
 stays comparable.
 """
+import os
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, ContextManager, Dict, List, Sequence
