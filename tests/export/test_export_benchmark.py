@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_detr.export.benchmark import main
 
@@ -27,9 +28,16 @@ def test_eager_paths_in_one_table(capsys):
     [
         (["--config-file", SMOKE, "--iters", "0", "MODEL.DEVICE", "cpu"], ValueError, "--iters"),
         (["--config-file", "no_such.yaml"], FileNotFoundError, "--config-file: no such file"),
-        (["--config-file", SMOKE, "MODEL.DEVICE", "cuda"], ValueError, "MODEL.DEVICE cpu"),
     ],
 )
 def test_bad_arguments(argv, error, match):
     with pytest.raises(error, match=match):
         main(argv)
+
+
+def test_cuda_device_is_refused_where_a_gpu_exists(monkeypatch):
+    # without a GPU, MODEL.DEVICE cuda runs on the CPU (every tool's device policy); with one, this CPU benchmark
+    # says so instead of timing the CPU under a CUDA config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="MODEL.DEVICE cpu"):
+        main(["--config-file", SMOKE, "MODEL.DEVICE", "cuda"])
