@@ -1,4 +1,4 @@
-# `make install` builds .venv from scratch; `make test` runs the suite (installing first if needed).
+# `make install` builds .venv from scratch; `make test` runs the suite, `make lint` ruff (both installing first if needed).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
 export CUDA_HOME
 
-.PHONY: install test build-ext bench-op demo gpu-wheels gpu-check clean
+.PHONY: install test lint build-ext bench-op demo gpu-wheels gpu-check clean
 
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/export.txt
+	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/export.txt \
+		-r requirements/lint.txt
 	bash scripts/install_detectron2.sh $(PY)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import sparse_detr, sparse_detr.layers as L; print('sparse_detr', sparse_detr.__version__, '| compiled op:', L.ms_deform_attn_available())"
@@ -24,6 +25,11 @@ $(STAMP):
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .` fixes most
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Rebuild the extension in place after editing csrc/ (faster than a full install).
 build-ext: $(STAMP)

@@ -4,6 +4,7 @@ The CPU kernels are always built, and so is a host harness that runs the CUDA ke
 The CUDA kernels are built too when a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1 (CI sets it,
 so a broken .cu file fails CI even on a machine without a GPU).
 """
+
 import glob
 import os
 import re
@@ -30,6 +31,7 @@ def _cuda_library_dirs() -> List[str]:
     torch derives CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script (here /usr/local/bin/nvcc),
     the guess lands on /usr/local and the link cannot find libcudart. nvcc itself knows its toolkit (TOP=...).
     """
+
     def has_cudart(d: str) -> bool:
         return bool(glob.glob(os.path.join(d, "libcudart.so*")))
 
@@ -38,7 +40,9 @@ def _cuda_library_dirs() -> List[str]:
     try:
         dry = subprocess.run(
             [os.path.join(CUDA_HOME, "bin", "nvcc"), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     except OSError:
         return []
@@ -51,8 +55,11 @@ def _cuda_library_dirs() -> List[str]:
 
 def _extension():
     # csrc/cuda/*.cpp is host code of the CUDA kernels (their host harness), built without a toolkit too.
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
-                     + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join(CSRC, "*.cpp"))
+        + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+        + glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))
+    )
     # at::parallel_for is an inline `#pragma omp parallel` in torch's headers: without -fopenmp it silently runs on
     # one thread. The extension then links libgomp.so.1, the runtime torch already loaded, so there is one pool.
     extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}

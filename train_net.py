@@ -9,6 +9,7 @@
 Multi-node: add ``--num-machines N --machine-rank R --dist-url tcp://<ip of rank 0>:<port>``. Without CUDA,
 ``--num-gpus N`` starts N CPU processes that talk over gloo.
 """
+
 import argparse
 import logging
 import os

@@ -26,6 +26,7 @@ a test can call it: tests/test_gpu_check.py.
 Only the standard library is imported here: the install step comes first. Run with the Python to check (`python3`
 on the GPU machine; that is the one packages are installed into).
 """
+
 import argparse
 import dataclasses
 import json
@@ -52,10 +53,24 @@ THROUGHPUT_CONFIGS = [f"configs/r50/sparse_detr_rho_{rho}.yaml" for rho in PAPER
 
 # A model of the same variants small enough to run in seconds on a CPU (the dry run's "tiny sizes").
 TINY_MODEL = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.SPARSE_DETR.HIDDEN_DIM", "64",
-    "MODEL.SPARSE_DETR.NHEADS", "2", "MODEL.SPARSE_DETR.ENC_LAYERS", "2", "MODEL.SPARSE_DETR.DEC_LAYERS", "1",
-    "MODEL.SPARSE_DETR.DIM_FEEDFORWARD", "64", "MODEL.SPARSE_DETR.NUM_QUERIES", "10",
-    "MODEL.SPARSE_DETR.NUM_DETECTIONS", "10",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.SPARSE_DETR.HIDDEN_DIM",
+    "64",
+    "MODEL.SPARSE_DETR.NHEADS",
+    "2",
+    "MODEL.SPARSE_DETR.ENC_LAYERS",
+    "2",
+    "MODEL.SPARSE_DETR.DEC_LAYERS",
+    "1",
+    "MODEL.SPARSE_DETR.DIM_FEEDFORWARD",
+    "64",
+    "MODEL.SPARSE_DETR.NUM_QUERIES",
+    "10",
+    "MODEL.SPARSE_DETR.NUM_DETECTIONS",
+    "10",
 ]
 
 
@@ -88,10 +103,19 @@ GPU = Plan(
     batch_sizes=[1, 4],
     train_config="configs/r50/sparse_detr_rho_0.1.yaml",
     train_opts=[
-        "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "100",
-        "DATASETS.TRAIN", "('synthetic_shapes_coco_size_train',)",
+        "SOLVER.AMP.ENABLED",
+        "True",
+        "SOLVER.MAX_ITER",
+        "100",
+        "DATASETS.TRAIN",
+        "('synthetic_shapes_coco_size_train',)",
         # The paper's 2 images per GPU.
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_BATCH_SIZE", "2", "DATALOADER.NUM_WORKERS", "4",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.REFERENCE_BATCH_SIZE",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "4",
     ],
     env={},
     budget=480,
@@ -112,12 +136,31 @@ DRY_RUN = Plan(
     budget=1200,
 )
 # Both: no evaluation, the lr kept for all iterations, a checkpoint at the end only.
-TRAIN_OPTS = ["DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD",
-              "1000000", "MODEL.SPARSE_DETR.NUM_CLASSES", "4", "SEED", "0"]
+TRAIN_OPTS = [
+    "DATASETS.TEST",
+    "()",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000000",
+    "MODEL.SPARSE_DETR.NUM_CLASSES",
+    "4",
+    "SEED",
+    "0",
+]
 
 # Longest time each step may take on the GPU machine, within the overall budget.
-STEP_CAPS = {"environment": 30, "install": 90, "build": 300, "tests": 120, "bench_op": 150, "throughput": 180,
-             "train": 180}
+STEP_CAPS = {
+    "environment": 30,
+    "install": 90,
+    "build": 300,
+    "tests": 120,
+    "bench_op": 150,
+    "throughput": 180,
+    "train": 180,
+}
 
 
 class Run:
@@ -128,8 +171,12 @@ class Run:
         self.deadline = time.monotonic() + budget
         self.step_deadline = self.deadline
         self.steps: List[Dict[str, Any]] = []
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-                        PYTHONUNBUFFERED="1", **plan.env)
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+            **plan.env,
+        )
 
     def log_path(self, name: str) -> str:
         return os.path.join(self.out, f"{name}.log")
@@ -141,8 +188,14 @@ class Run:
         with open(self.log_path(log), "a") as f:
             f.write(f"\n$ {shlex.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(list(cmd), cwd=REPO, env={**self.env, **(env or {})}, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                list(cmd),
+                cwd=REPO,
+                env={**self.env, **(env or {})},
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 return proc.wait(timeout=max(timeout, 1))
             except subprocess.TimeoutExpired:
@@ -196,8 +249,10 @@ json.dump(d, open(sys.argv[1], "w"))
 
 def environment(run: Run, record: Dict[str, Any]) -> bool:
     record.update(python_json(run, "setup", ENVIRONMENT_CODE))
-    for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-                     ("nvcc", ["nvcc", "--version"])):
+    for key, cmd in (
+        ("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        ("nvcc", ["nvcc", "--version"]),
+    ):
         try:
             text = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
@@ -214,8 +269,7 @@ def environment(run: Run, record: Dict[str, Any]) -> bool:
 
 def install(run: Run, wheels: str) -> bool:
     offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": os.path.abspath(wheels), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    rc = run.command("setup", [run.python, "-m", "pip", "install", "-r", "requirements/gpu-check.txt"],
-                     env=offline)
+    rc = run.command("setup", [run.python, "-m", "pip", "install", "-r", "requirements/gpu-check.txt"], env=offline)
     if rc == 0:
         rc = run.command("setup", ["bash", "scripts/install_detectron2.sh", run.python], env=offline)
     if rc != 0 and not os.path.isdir(wheels):
@@ -250,8 +304,7 @@ def build(run: Run, environment_record: Dict[str, Any]) -> bool:
 
 
 def tests(run: Run, record: Dict[str, Any]) -> bool:
-    rc = run.command("tests", [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                               *run.plan.test_args])
+    rc = run.command("tests", [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *run.plan.test_args])
     with open(run.log_path("tests")) as f:
         text = f.read()
     counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text.splitlines()[-1] if text else "")
@@ -278,9 +331,23 @@ def throughput(run: Run, record: Dict[str, Any]) -> bool:
     measured = {}
     for precision, flag in (("fp32", []), ("amp", ["--amp"])):
         path = os.path.join(run.scratch, f"throughput_{precision}.json")
-        cmd = [run.python, BENCHMARK, "--configs", *THROUGHPUT_CONFIGS, "--baseline", THROUGHPUT_BASELINE,
-               "--batch-sizes", *map(str, run.plan.batch_sizes), "--json", path, *flag, *run.plan.throughput_args,
-               "MODEL.DEVICE", run.plan.device, *run.plan.model_opts]
+        cmd = [
+            run.python,
+            BENCHMARK,
+            "--configs",
+            *THROUGHPUT_CONFIGS,
+            "--baseline",
+            THROUGHPUT_BASELINE,
+            "--batch-sizes",
+            *map(str, run.plan.batch_sizes),
+            "--json",
+            path,
+            *flag,
+            *run.plan.throughput_args,
+            "MODEL.DEVICE",
+            run.plan.device,
+            *run.plan.model_opts,
+        ]
         if run.command("throughput", cmd) != 0:
             return False
         with open(path) as f:
@@ -305,24 +372,39 @@ def throughput_table(measured: Dict[str, Dict[str, Any]], batch_sizes: List[int]
                 t = r["seconds_per_batch"][str(b)]  # JSON keys are strings
                 row[f"{precision} B{b} s/img"] = t / b
                 row[f"{precision} B{b} speed-up"] = base[str(b)] / t
-    header = ["model", *(f"{p} B{b} s/img" for p, b in columns), *(f"{p} B{b} speed-up" for p, b in columns),
-              "paper B4FPS ratio"]
+    header = [
+        "model",
+        *(f"{p} B{b} s/img" for p, b in columns),
+        *(f"{p} B{b} speed-up" for p, b in columns),
+        "paper B4FPS ratio",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in rows.values():
-        cells = [row["model"], *(f"{row[f'{p} B{b} s/img']:.3f}" for p, b in columns),
-                 *(f"{row[f'{p} B{b} speed-up']:.2f}x" for p, b in columns),
-                 "" if row["paper B4FPS ratio"] is None else f"{row['paper B4FPS ratio']:.2f}x"]
+        cells = [
+            row["model"],
+            *(f"{row[f'{p} B{b} s/img']:.3f}" for p, b in columns),
+            *(f"{row[f'{p} B{b} speed-up']:.2f}x" for p, b in columns),
+            "" if row["paper B4FPS ratio"] is None else f"{row['paper B4FPS ratio']:.2f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return {"rows": list(rows.values()), "table": lines}
 
 
 def train(run: Run, record: Dict[str, Any]) -> bool:
     path = os.path.join(run.scratch, "train.json")
-    opts = [*run.plan.train_opts, *TRAIN_OPTS, "MODEL.DEVICE", run.plan.device, "OUTPUT_DIR",
-            os.path.join(run.scratch, "train")]
-    rc = run.command("train", [run.python, os.path.abspath(__file__), "--train-step", path,
-                               "--config-file", run.plan.train_config, *opts],
-                     env={"SPARSE_DETR_DATASETS": os.path.join(run.scratch, "datasets")})
+    opts = [
+        *run.plan.train_opts,
+        *TRAIN_OPTS,
+        "MODEL.DEVICE",
+        run.plan.device,
+        "OUTPUT_DIR",
+        os.path.join(run.scratch, "train"),
+    ]
+    rc = run.command(
+        "train",
+        [run.python, os.path.abspath(__file__), "--train-step", path, "--config-file", run.plan.train_config, *opts],
+        env={"SPARSE_DETR_DATASETS": os.path.join(run.scratch, "datasets")},
+    )
     if os.path.exists(path):  # written after a failed training too
         with open(path) as f:
             record.update(json.load(f))
@@ -344,8 +426,11 @@ def train_step(result_path: str, argv: List[str]) -> None:
 
         def after_train(self):
             histories = self.trainer.storage.histories()
-            losses = {k: [v for v, _ in h.values()] for k, h in histories.items()
-                      if k == "total_loss" or k.startswith("loss_")}
+            losses = {
+                k: [v for v, _ in h.values()]
+                for k, h in histories.items()
+                if k == "total_loss" or k.startswith("loss_")
+            }
             times = [v for v, _ in histories["time"].values()] if "time" in histories else []
             total = losses.get("total_loss", [])
             finite_params = all(bool(torch.isfinite(p).all()) for p in self.trainer.model.parameters())
@@ -383,19 +468,29 @@ def train_step(result_path: str, argv: List[str]) -> None:
 def summary_markdown(dry: bool, env: Dict[str, Any], steps: List[Dict[str, Any]], results: Dict[str, Any]) -> str:
     title = "# GPU check" + (" (dry run: CPU, tiny sizes)" if dry else "")
     lines = [title, ""]
-    lines += [f"- {k}: {env.get(k)}" for k in ("gpu", "driver", "torch", "torch_cuda", "nvcc", "python", "capability",
-                                               "gpu_memory_gib") if k in env]
+    lines += [
+        f"- {k}: {env.get(k)}"
+        for k in ("gpu", "driver", "torch", "torch_cuda", "nvcc", "python", "capability", "gpu_memory_gib")
+        if k in env
+    ]
     lines += ["", "| step | status | seconds | log |", "|---|---|---:|---|"]
-    lines += [f"| {s['step']} | {s['status']}{': ' + s['detail'] if 'detail' in s else ''} | {s['seconds']} | "
-              f"{s['log']} |" for s in steps]
+    lines += [
+        f"| {s['step']} | {s['status']}{': ' + s['detail'] if 'detail' in s else ''} | {s['seconds']} | {s['log']} |"
+        for s in steps
+    ]
     tests_ = results.get("tests", {})
     if tests_.get("counts"):
         lines += ["", "## Tests", "", ", ".join(f"{n} {k}" for k, n in tests_["counts"].items())]
     if results.get("bench_op", {}).get("table"):
         lines += ["", "## bench_op: the op against the grid_sample reference", "", *results["bench_op"]["table"]]
     if results.get("throughput", {}).get("table"):
-        lines += ["", "## Throughput (benchmark.py): speed-up over Deformable DETR + BBR + two-stage", "",
-                  *results["throughput"]["table"], ""]
+        lines += [
+            "",
+            "## Throughput (benchmark.py): speed-up over Deformable DETR + BBR + two-stage",
+            "",
+            *results["throughput"]["table"],
+            "",
+        ]
         lines += [f"- {p}: {header}" for p, header in results["throughput"]["conditions"].items()]
     if "loss_start" in results.get("train", {}):
         t = results["train"]
@@ -417,15 +512,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
-    results: Dict[str, Dict[str, Any]] = {name: {} for name in ("environment", "tests", "bench_op", "throughput",
-                                                                "train")}
+    results: Dict[str, Dict[str, Any]] = {
+        name: {} for name in ("environment", "tests", "bench_op", "throughput", "train")
+    }
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         plan = DRY_RUN if args.dry_run else GPU
         run = Run(args.out, scratch, plan, plan.budget if args.budget is None else args.budget, sys.executable)
-        ready = (run.step("environment", "setup", lambda: environment(run, results["environment"]))
-                 and run.step("install", "setup", lambda: install(run, args.wheels))
-                 and run.step("build", "setup", lambda: build(run, results["environment"])))
+        ready = (
+            run.step("environment", "setup", lambda: environment(run, results["environment"]))
+            and run.step("install", "setup", lambda: install(run, args.wheels))
+            and run.step("build", "setup", lambda: build(run, results["environment"]))
+        )
         if ready:
             # Correctness first, so that a run short of time drops timings rather than checks.
             run.step("tests", "tests", lambda: tests(run, results["tests"]))
@@ -433,8 +531,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             run.step("throughput", "throughput", lambda: throughput(run, results["throughput"]))
             run.step("bench_op", "bench_op", lambda: bench_op(run, results["bench_op"]))
     passed = ready and all(s["status"] == "passed" for s in run.steps)
-    summary = {"dry_run": run.plan.dry, "passed": passed, "seconds": round(time.monotonic() - start, 1),
-               "steps": run.steps, **results}
+    summary = {
+        "dry_run": run.plan.dry,
+        "passed": passed,
+        "seconds": round(time.monotonic() - start, 1),
+        "steps": run.steps,
+        **results,
+    }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

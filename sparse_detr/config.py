@@ -5,6 +5,7 @@ Every key has the reference implementation's default (kakaobrain/sparse-detr, `m
 plain Deformable DETR and each paper row switches on what it needs. YACS rejects keys that are not defined here;
 that check is kept on so a typo in a config file is an error, not a silently ignored option.
 """
+
 import logging
 from typing import Sequence, Set
 

@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite: one intra-op thread, a tiny SparseDETR config and inputs, a machine without
 a GPU, a COCO-format dataset of one's own on disk."""
+
 import json
 import logging
 from pathlib import Path
@@ -115,8 +116,16 @@ def own_coco_dataset() -> Callable[..., Tuple[str, str]]:
                 x, y = int(rng.integers(0, 50)), int(rng.integers(0, 34))
                 w, h = int(rng.integers(12, 30)), int(rng.integers(12, 30))
                 cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colours[cat], thickness=-1)
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat,
-                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": cat,
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                    }
+                )
             cv2.imwrite(str(image_root / f"{i:04d}.jpg"), image)
             images.append({"id": i + 1, "file_name": f"{i:04d}.jpg", "height": 64, "width": 80})
         categories = [{"id": c, "name": n} for c, n in OWN_CATEGORIES]

@@ -3,6 +3,7 @@ would, with a hook that appends every iteration's raw losses to the JSON-lines f
 
 detectron2's own writers log medians over 20 iterations, which a resumed run (with a fresh history) cannot
 reproduce; the raw values can be compared exactly."""
+
 import json
 import os
 import runpy

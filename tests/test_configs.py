@@ -1,11 +1,11 @@
 """Every config file loads with the project's keys and builds its model, optimizer and data mapper; `setup_cfg`, which
 every tool builds its config with, rejects unknown keys and applies the device policy."""
+
 import glob
 import os
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
@@ -17,7 +17,9 @@ from sparse_detr.engine import build_optimizer, scale_schedule_to_batch_size
 from sparse_detr.modeling import SparseDETR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+)
 
 
 def test_configs_are_found():

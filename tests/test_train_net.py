@@ -1,5 +1,6 @@
 """train_net.py end to end: config errors, --eval-only, two CPU processes over gloo, resuming a killed run exactly,
 and fine-tuning on a COCO-format dataset of one's own given by config keys."""
+
 import json
 import os
 import signal
@@ -27,8 +28,9 @@ def run_train_net(args, datasets_root, loss_log=None, **kwargs):
     if loss_log is not None:
         env["LOSS_LOG"] = str(loss_log)
         cmd.insert(1, os.path.join(REPO, "tests", "run_with_loss_log.py"))
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
 
 
 def finish(proc, timeout=300):
@@ -62,6 +64,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_eval_only_reports_coco_ap(datasets_root, tmp_path, monkeypatch):
     """--eval-only through COCOEvaluator on the synthetic val split (in-process: the same main() as the CLI)."""
     from detectron2.data import DatasetCatalog
+
     from sparse_detr.data.datasets import SyntheticShapesSpec, register_synthetic_shapes
 
     name = "test_train_net_val"
@@ -69,8 +72,9 @@ def test_eval_only_reports_coco_ap(datasets_root, tmp_path, monkeypatch):
     try:
         from detectron2.modeling import build_model
 
-        train_net, args = parse_args("--config-file", SMOKE, "--eval-only", "DATASETS.TEST", f"('{name}',)",
-                                     "OUTPUT_DIR", str(tmp_path))
+        train_net, args = parse_args(
+            "--config-file", SMOKE, "--eval-only", "DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path)
+        )
         cfg = train_net.setup(args)
         torch.manual_seed(0)
         weights = str(tmp_path / "weights.pth")
@@ -84,9 +88,25 @@ def test_eval_only_reports_coco_ap(datasets_root, tmp_path, monkeypatch):
 
 
 def test_two_cpu_processes_train_checkpoint_and_evaluate(datasets_root, tmp_path):
-    out = finish(run_train_net(["--num-gpus", "2", "--dist-url", "auto", "OUTPUT_DIR", str(tmp_path),
-                                "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1"],
-                               datasets_root))
+    out = finish(
+        run_train_net(
+            [
+                "--num-gpus",
+                "2",
+                "--dist-url",
+                "auto",
+                "OUTPUT_DIR",
+                str(tmp_path),
+                "SOLVER.MAX_ITER",
+                "2",
+                "SOLVER.STEPS",
+                "()",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1",
+            ],
+            datasets_root,
+        )
+    )
     assert "Rank of current process: 0. World size: 2" in out
     assert os.path.isfile(tmp_path / "model_0000000.pth") and os.path.isfile(tmp_path / "model_final.pth")
     assert "copypaste: AP,AP50,AP75" in out  # COCO evaluation gathered over both processes
@@ -120,8 +140,18 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
     optimizer, the scheduler and the data position come back from the checkpoint."""
     max_iter = 12
     # lr drops x0.1 at iteration 4: a scheduler restarted from scratch would be back at 2e-4.
-    common = ["SOLVER.BASE_LR", "2e-4", "SOLVER.STEPS", "(4,)", "TEST.EVAL_PERIOD", "0",
-              "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_ITER", str(max_iter)]
+    common = [
+        "SOLVER.BASE_LR",
+        "2e-4",
+        "SOLVER.STEPS",
+        "(4,)",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+    ]
     runs = {"uninterrupted": 0, "killed_w0": 0, "killed_w1": 1}  # name: DATALOADER.NUM_WORKERS
 
     def start(name, *extra):
@@ -165,8 +195,11 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
     for name, (done, proc) in resumed.items():
         assert f"Starting training from iteration {done}" in finish(proc)
         assert train_state(tmp_path / name / "model_final.pth") == {
-            "iteration": max_iter - 1, "adam_steps": max_iter, "scheduler_epoch": max_iter,
-            "lr": pytest.approx(2e-5), "data": {"seed": 42, "batches": max_iter},
+            "iteration": max_iter - 1,
+            "adam_steps": max_iter,
+            "scheduler_epoch": max_iter,
+            "lr": pytest.approx(2e-5),
+            "data": {"seed": 42, "batches": max_iter},
         }
         logged = logged_losses(tmp_path / f"{name}.jsonl")
         assert {i for i, _ in logged} == set(range(max_iter))  # killed before max_iter, resumed to the end
@@ -178,20 +211,40 @@ def test_own_coco_data_fine_tuned_from_a_checkpoint_of_other_classes(datasets_ro
     """README, "Train on your own data": a COCO json and images registered by config keys alone, fine-tuned from
     the weights of a 4-class model (standing in for a converted COCO checkpoint) at 3 classes, then evaluated."""
     from detectron2.modeling import build_model
+
     from sparse_detr import setup_cfg
 
     json_file, image_root = own_coco_dataset(tmp_path / "mine")
     torch.manual_seed(0)
     weights = str(tmp_path / "shapes.pth")
     torch.save({"model": build_model(setup_cfg(SMOKE)).state_dict()}, weights)
-    out = finish(run_train_net([
-        "DATASETS.REGISTER_COCO_INSTANCES",
-        f"[('mine_train', '{json_file}', '{image_root}'), ('mine_val', '{json_file}', '{image_root}')]",
-        "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)", "MODEL.SPARSE_DETR.NUM_CLASSES", "3",
-        "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "OUTPUT_DIR", str(tmp_path / "out"),
-    ], datasets_root))
-    assert (f"Fine-tuning: class heads class_embed.0, class_embed.1, class_embed.2 not loaded from {weights} "
-            "(MODEL.WEIGHTS): they score 4 classes there and MODEL.SPARSE_DETR.NUM_CLASSES is 3") in out
+    out = finish(
+        run_train_net(
+            [
+                "DATASETS.REGISTER_COCO_INSTANCES",
+                f"[('mine_train', '{json_file}', '{image_root}'), ('mine_val', '{json_file}', '{image_root}')]",
+                "DATASETS.TRAIN",
+                "('mine_train',)",
+                "DATASETS.TEST",
+                "('mine_val',)",
+                "MODEL.SPARSE_DETR.NUM_CLASSES",
+                "3",
+                "MODEL.WEIGHTS",
+                weights,
+                "SOLVER.MAX_ITER",
+                "2",
+                "SOLVER.STEPS",
+                "()",
+                "OUTPUT_DIR",
+                str(tmp_path / "out"),
+            ],
+            datasets_root,
+        )
+    )
+    assert (
+        f"Fine-tuning: class heads class_embed.0, class_embed.1, class_embed.2 not loaded from {weights} "
+        "(MODEL.WEIGHTS): they score 4 classes there and MODEL.SPARSE_DETR.NUM_CLASSES is 3"
+    ) in out
     assert "not found in the checkpoint" not in out and "Skip loading parameter" not in out  # nothing else dropped
     assert "copypaste: AP,AP50,AP75" in out and "| red " in out and "| blue " in out  # COCO AP per own category
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")

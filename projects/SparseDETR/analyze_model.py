@@ -11,6 +11,7 @@ Examples:
   # mean over the first 100 images of DATASETS.TEST[0], through the test mapper
   python projects/SparseDETR/analyze_model.py --tasks flop -n 100 --config-file configs/r50/sparse_detr_rho_0.1.yaml
 """
+
 import argparse
 from typing import Any, Dict, Optional, Sequence
 
@@ -27,11 +28,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--tasks", choices=TASKS, required=True, nargs="+")
     parser.add_argument(
-        "-n", "--num-inputs", default=100, type=int,
+        "-n",
+        "--num-inputs",
+        default=100,
+        type=int,
         help="images of DATASETS.TEST[0] averaged over (FLOPs depend on the image size)",
     )
     parser.add_argument(
-        "--approximate", action="store_true",
+        "--approximate",
+        action="store_true",
         help="count on one random input of --input-size instead of dataset images (the paper's protocol)",
     )
     parser.add_argument("--input-size", nargs=2, type=int, default=[850, 1040], metavar=("H", "W"))

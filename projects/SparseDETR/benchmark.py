@@ -10,6 +10,7 @@ Examples:
   python projects/SparseDETR/benchmark.py --configs configs/swin_t/*.yaml \\
       --baseline configs/swin_t/deformable_detr_bbr_two_stage.yaml
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -48,8 +49,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     result = run_benchmark(
-        args.configs, args.baseline, args.opts, batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters,
-        input_size=args.input_size, amp=args.amp, root=str(REPO),
+        args.configs,
+        args.baseline,
+        args.opts,
+        batch_sizes=args.batch_sizes,
+        warmup=args.warmup,
+        iters=args.iters,
+        input_size=args.input_size,
+        amp=args.amp,
+        root=str(REPO),
     )
     print(result["header"])
     print(result["table"])

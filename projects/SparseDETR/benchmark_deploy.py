@@ -9,6 +9,7 @@ Examples:
   python projects/SparseDETR/benchmark_deploy.py --config-file configs/r50/deformable_detr_bbr_two_stage.yaml \\
       --paths eager-plain eager-fast onnxruntime --threads 2 MODEL.DEVICE cpu
 """
+
 from sparse_detr.export.benchmark import main
 
 if __name__ == "__main__":

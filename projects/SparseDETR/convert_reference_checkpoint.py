@@ -9,6 +9,7 @@ The config must be the row the checkpoint was trained as (same switches, backbon
 it and every converted tensor must fill one of its parameters, with nothing missing, left over or mis-shaped. What
 the conversion changes (backbone names, class rows, aliases): sparse_detr/checkpoint/reference.py and CONVERTING.md.
 """
+
 import argparse
 import sys
 from typing import Optional, Sequence

@@ -16,6 +16,7 @@ The conversion is ``sparse_detr.checkpoint.resnet``.
     python projects/SparseDETR/convert_scrl.py scrl_r50.pth pretrained/scrl_r50.pkl
     python projects/SparseDETR/convert_scrl.py resnet50-0676ba61.pth pretrained/torchvision_r50.pkl
 """
+
 import argparse
 import sys
 from typing import Optional, Sequence

@@ -11,6 +11,7 @@ Examples:
   python projects/SparseDETR/demo.py --config-file configs/r50/sparse_detr_rho_0.1.yaml \\
       --video-input clip.mp4 --output out/clip.mp4 MODEL.WEIGHTS sparse_detr_rho_0.1.pth
 """
+
 import argparse
 import logging
 from typing import List, Optional, Sequence
@@ -27,7 +28,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", help="image files or glob patterns, e.g. 'directory/*.jpg'")
     parser.add_argument("--video-input", help="a video file")
     parser.add_argument(
-        "--output", required=True,
+        "--output",
+        required=True,
         help="a file, or a directory (an existing one, a path without extension, or several inputs) for the pictures",
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn detections")

@@ -17,6 +17,7 @@ Examples:
   python projects/SparseDETR/export_model.py --config-file configs/r50/sparse_detr_rho_0.1.yaml \\
       --format torch_export --output out/ MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
 """
+
 from sparse_detr.export.tool import main
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ reference implementation to this model.
 
 The command lines over them are projects/SparseDETR/convert_scrl.py and convert_reference_checkpoint.py.
 """
+
 from .checkpointer import SparseDetrCheckpointer
 from .io import load_weights_file, state_dict_of
 from .reference import (

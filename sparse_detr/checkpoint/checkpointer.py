@@ -1,4 +1,5 @@
 """The checkpointer of training and evaluation: atomic writes, no non-finite weights, no silently skipped tensors."""
+
 import contextlib
 import os
 from typing import Any, BinaryIO, Callable, Dict, List, Optional

@@ -1,4 +1,5 @@
 """Reading local checkpoint files."""
+
 import logging
 import os
 from typing import Any, Mapping

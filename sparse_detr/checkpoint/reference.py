@@ -16,6 +16,7 @@ What changes:
 - aliases are dropped: the reference registers its heads a second time under ``transformer.decoder.*`` and
   ``transformer.encoder.*``; they are checked to be the very same tensors first.
 """
+
 import re
 from typing import Dict, List, Mapping, Sequence, Tuple
 

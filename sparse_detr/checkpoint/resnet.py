@@ -6,6 +6,7 @@ detectron2 names: ``stem.conv1`` (+ ``.norm``), ``res{2..5}.{block}.conv{1..3}``
 
 SCRL (github.com/kakaobrain/scrl) checkpoints hold a torchvision ResNet as their online network's encoder.
 """
+
 import os
 import pickle
 import re
@@ -53,9 +54,7 @@ def _rename(key: str) -> str:
 
 def resnet_depth_from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> int:
     """Depth (50/101/152) of a torchvision-named bottleneck ResNet state dict, from its block counts."""
-    blocks = tuple(
-        len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5)
-    )
+    blocks = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     for depth, counts in _BLOCKS_PER_DEPTH.items():
         if counts == blocks:
             return depth

@@ -1,5 +1,6 @@
 """Swin Transformer weights in the official release's layout renamed to timm's (the layout of this project's
 Swin backbone, ``sparse_detr.modeling.backbone.TimmSwinBackbone``)."""
+
 from typing import Dict, Mapping, Tuple
 
 import torch

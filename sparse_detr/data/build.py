@@ -4,19 +4,19 @@ detectron2 reports a missing image directory at the first image read (mid-traini
 evaluated at the end of a run is only loaded then; :func:`load_dataset_dicts` turns each such problem into an error
 that names the dataset and the file, raised when the loaders are built.
 """
+
 import difflib
 import logging
 import os
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence
 
-from torch.utils.data import DataLoader
-
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data.build import filter_images_with_only_crowd_annotations, print_instances_class_histogram
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
+from torch.utils.data import DataLoader
 
 from .dataset_mapper import DetrDatasetMapper
 from .image_cache import attach_image_bytes, undecodable_images

@@ -1,10 +1,10 @@
 """Dataset mapper of the DETR family: the reference's augmentation and target handling on detectron2's pieces."""
+
 import copy
 from typing import Any, Dict
 
 import numpy as np
 import torch
-
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils

@@ -7,6 +7,7 @@ Putting the bytes into the dataset dicts means detectron2's ``DatasetFromList`` 
 shared byte buffer, so data-loader workers read them without copying the cache per worker. Each training process
 still holds the whole cache once.
 """
+
 import io
 import logging
 import os
@@ -14,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
-
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 __all__ = ["IMAGE_BYTES_KEY", "attach_image_bytes", "read_image", "undecodable_images"]
 
@@ -33,7 +33,7 @@ def attach_image_bytes(dataset_dicts: List[Dict[str, Any]]) -> List[Dict[str, An
         with PathManager.open(d["file_name"], "rb") as f:
             d[IMAGE_BYTES_KEY] = f.read()
         total += len(d[IMAGE_BYTES_KEY])
-    logger.info(f"Cached {len(dataset_dicts)} image files in memory ({total / 1024 ** 2:.1f} MiB).")
+    logger.info(f"Cached {len(dataset_dicts)} image files in memory ({total / 1024**2:.1f} MiB).")
     return dataset_dicts
 
 

@@ -13,14 +13,14 @@ every random draw of the data pipeline is a function of the run's seed and a pos
 The stream is thus fixed by (seed, batches consumed), which is all :meth:`TrainStream.state_dict` holds; a resumed
 stream skips the consumed batches without mapping them. ``DATALOADER.NUM_WORKERS`` changes the speed, not the data.
 """
+
 import itertools
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils.rng import seeded_cpu_rngs
 

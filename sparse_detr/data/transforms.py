@@ -4,6 +4,7 @@ Boxes are transformed by the same :class:`~detectron2.data.transforms.Transform`
 (``transforms.apply_box`` in :func:`detectron2.data.detection_utils.transform_instance_annotations`), so the
 image and its annotations cannot drift apart.
 """
+
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -112,9 +113,7 @@ def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation
     augs: List[T.Augmentation] = []
     if cfg.INPUT.RANDOM_FLIP != "none":
         augs.append(
-            T.RandomFlip(
-                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal", vertical=cfg.INPUT.RANDOM_FLIP == "vertical"
-            )
+            T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal", vertical=cfg.INPUT.RANDOM_FLIP == "vertical")
         )
 
     def multi_scale_resize() -> T.Augmentation:

@@ -1,8 +1,8 @@
 """DistributedDataParallel wrapping that also works for CPU models (gloo)."""
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["create_ddp_model"]
 

@@ -1,13 +1,13 @@
 """The reference's optimizer: three learning rates by parameter name, and gradient clipping over the whole model."""
+
 import logging
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Type
 
 import torch
-from torch import nn
-
 from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
+from torch import nn
 
 __all__ = ["build_optimizer", "check_optimizer_state", "full_model_gradient_clipping", "get_detr_param_groups"]
 
@@ -46,7 +46,11 @@ def get_detr_param_groups(
             groups["backbone"].append(p)
         else:
             groups["default"].append(p)
-    lrs = {"default": base_lr, "backbone": base_lr * backbone_multiplier, "linear_proj": base_lr * linear_proj_multiplier}
+    lrs = {
+        "default": base_lr,
+        "backbone": base_lr * backbone_multiplier,
+        "linear_proj": base_lr * linear_proj_multiplier,
+    }
     if not groups["backbone"] and backbone_multiplier != 1.0:
         logger.warning(f"No trainable parameter name contains any of {list(backbone_names)}: no backbone lr group.")
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]

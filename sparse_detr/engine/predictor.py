@@ -1,4 +1,5 @@
 """A predictor for single images that also returns Sparse DETR's saliency, as detectron2's ``DefaultPredictor``."""
+
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np

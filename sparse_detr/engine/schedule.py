@@ -1,4 +1,5 @@
 """The training schedule: its iteration counts checked, and kept in epochs when the total batch size changes."""
+
 import logging
 
 from detectron2.config import CfgNode

@@ -1,18 +1,18 @@
 """detectron2's DefaultTrainer with the reference's recipe and the DETR data pipeline."""
+
 import logging
 import os
 import weakref
 from typing import Any, Dict, Optional
 
 import torch
-from torch import nn
-
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch import nn
 
 from ..checkpoint import SparseDetrCheckpointer
 from ..config import resolve_device

@@ -10,6 +10,7 @@ Paths (every one runs the whole inference of one image: normalization, backbone,
 - ``onnxruntime``: the ONNX export (GridSample attention, graph optimizer on) in an onnxruntime CPU session;
 - ``aoti``: the AOTInductor package of the ExportedProgram (compiling it takes many minutes: not a default).
 """
+
 import argparse
 import os
 import tempfile
@@ -131,20 +132,31 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows = []
     for name in args.paths:
         peak = peaks[name]
-        rows.append([
-            name, f"{medians[name]:.3f}", f"{1 / medians[name]:.2f}", f"{medians[base] / medians[name]:.2f}x",
-            "—" if peak is None else f"{peak / 2**20:.0f}", f"{prepare[name]:.0f}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{medians[name]:.3f}",
+                f"{1 / medians[name]:.2f}",
+                f"{medians[base] / medians[name]:.2f}x",
+                "—" if peak is None else f"{peak / 2**20:.0f}",
+                f"{prepare[name]:.0f}",
+            ]
+        )
     header = (
         f"{args.config_file}, {args.input_size[0]}x{args.input_size[1]}, batch 1, fp32, random weights; "
         f"{describe_device(torch.device('cpu'))}; median of {args.iters} runs after {args.warmup} warm-up, paths "
         f"interleaved; load average (1 min) {load_before:.2f} before, {load_after:.2f} after"
     )
     print(header)
-    print(tabulate(rows, headers=["path", "s/img", "img/s", f"speed-up vs {base}", "peak MiB", "prepare s"],
-                   tablefmt="pipe"))
+    print(
+        tabulate(
+            rows, headers=["path", "s/img", "img/s", f"speed-up vs {base}", "peak MiB", "prepare s"], tablefmt="pipe"
+        )
+    )
     return {
         "header": header,
-        "rows": {name: {"seconds": medians[name], "peak_bytes": peaks[name], "prepare_seconds": prepare[name]}
-                 for name in args.paths},
+        "rows": {
+            name: {"seconds": medians[name], "peak_bytes": peaks[name], "prepare_seconds": prepare[name]}
+            for name in args.paths
+        },
     }

@@ -17,6 +17,7 @@ dimensions are not. (Their arguments carry no type hints: the exporter reads a t
 as its ONNX signature.) onnx and onnxscript are imported only inside these functions and :func:`to_onnx`, so the
 package works without them.
 """
+
 import importlib
 from typing import Callable, Dict
 

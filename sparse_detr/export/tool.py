@@ -1,4 +1,5 @@
 """The logic of `projects/SparseDETR/export_model.py`: a config (and weights) in, a deployable file out."""
+
 import argparse
 import logging
 import os
@@ -85,9 +86,7 @@ def _second_image(model: SparseDETR, image: Tensor) -> Tensor:
     return example_image(model, (height + stride + 3, max(width - stride - 5, stride + 1)), seed=1)
 
 
-def _verify(
-    model: SparseDETR, run: Callable[[Tensor], Detections], images: Dict[str, Tensor]
-) -> Dict[str, Parity]:
+def _verify(model: SparseDETR, run: Callable[[Tensor], Detections], images: Dict[str, Tensor]) -> Dict[str, Parity]:
     """Prints and returns the parity of `run` with `model` on each image; raises RuntimeError if one fails."""
     results = {name: compare(eager_detections(model, image), run(image)) for name, image in images.items()}
     print(parity_report(results))

@@ -1,5 +1,6 @@
 """torch.export of :class:`ExportableSparseDETR`: an ExportedProgram with dynamic image height and width that keeps
 the compiled op `sparse_detr::ms_deform_attn` as one node."""
+
 from typing import Optional, Tuple
 
 import torch

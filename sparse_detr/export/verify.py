@@ -1,4 +1,5 @@
 """Parity of an exported model with the eager one: the same image in, the detections compared."""
+
 from typing import Callable, Dict, NamedTuple
 
 import numpy as np

@@ -1,4 +1,5 @@
 """`SparseDETR` inference on one image as a function of tensors, the form torch.export and ONNX take."""
+
 import copy
 from typing import Tuple
 
@@ -68,8 +69,12 @@ def clip_and_drop_empty(result: Instances, height: int, width: int) -> Tuple[Ten
     boxes = result.pred_boxes.tensor
     x0, y0, x1, y1 = boxes.unbind(-1)
     boxes = torch.stack(
-        [x0.clamp(min=0, max=width), y0.clamp(min=0, max=height), x1.clamp(min=0, max=width),
-         y1.clamp(min=0, max=height)],
+        [
+            x0.clamp(min=0, max=width),
+            y0.clamp(min=0, max=height),
+            x1.clamp(min=0, max=width),
+            y1.clamp(min=0, max=height),
+        ],
         dim=-1,
     )
     keep = Boxes(boxes).nonempty()

@@ -1,4 +1,5 @@
 """Box helpers that torchvision does not provide."""
+
 import torch
 from torch import Tensor
 

@@ -1,4 +1,5 @@
 """The DETR feed-forward box head: Linear layers with ReLU in between."""
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 

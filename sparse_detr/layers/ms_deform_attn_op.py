@@ -6,6 +6,7 @@ under `torch.compile(fullgraph=True)`, `torch.export` and `torch.jit.trace` (fvc
 `sparse_detr::ms_deform_attn`). When the extension is missing, `ms_deform_attn` falls back to the reference
 `ms_deform_attn_pytorch` after one warning; importing never fails.
 """
+
 import warnings
 from typing import List, Optional, Tuple
 

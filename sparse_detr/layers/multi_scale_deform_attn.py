@@ -3,6 +3,7 @@
 (The file is not called `ms_deform_attn.py`: `sparse_detr.layers.ms_deform_attn` is the op function, and a submodule
 of that name would shadow it on the package.)
 """
+
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -139,8 +140,9 @@ class MSDeformAttn(nn.Module):
         if isinstance(value, UnprojectedValue):
             output = self._sample_then_project(value, spatial_shapes, level_start_index, locations, weights)
         else:
-            output = self._project_then_sample(value, spatial_shapes, level_start_index, padding_mask, locations,
-                                               weights)
+            output = self._project_then_sample(
+                value, spatial_shapes, level_start_index, padding_mask, locations, weights
+            )
         return self.output_proj(output), locations, weights
 
     def _project_then_sample(
@@ -164,8 +166,9 @@ class MSDeformAttn(nn.Module):
         # float32. Run the op in the widest of the three rather than the narrowest: bf16 locations would be off
         # by up to half a pixel on a 130-wide level.
         dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
-        return ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype),
-                              weights.to(dtype))
+        return ms_deform_attn(
+            value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype)
+        )
 
     def _sample_then_project(
         self,

@@ -1,4 +1,5 @@
 """Sine position encodings: for feature maps (from the padding mask) and for box coordinates."""
+
 import math
 
 import torch

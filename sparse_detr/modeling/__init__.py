@@ -1,4 +1,5 @@
 """Models of this project; importing it registers `SparseDETR` in detectron2's META_ARCH_REGISTRY."""
+
 from . import backbone  # registers build_swin_backbone in BACKBONE_REGISTRY
 from .criterion import LossInputs, SetCriterion, build_weight_dict
 from .deformable_decoder import DecoderOutput, DeformableDecoder, DeformableDecoderLayer
@@ -11,4 +12,27 @@ from .structures import Prediction, Target
 from .token_selection import ScoringNetwork, TokenSelection, select_top_rho_tokens
 from .transformer import DeformableTransformer, TransformerOutput
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "DecoderOutput",
+    "DeformableDecoder",
+    "DeformableDecoderLayer",
+    "DeformableEncoder",
+    "DeformableEncoderLayer",
+    "DeformableTransformer",
+    "DetectionHead",
+    "DetectionHeads",
+    "FlatLevels",
+    "HeadLayout",
+    "HungarianMatcher",
+    "LossInputs",
+    "Prediction",
+    "ScoringNetwork",
+    "SetCriterion",
+    "SparseDETR",
+    "Target",
+    "TokenSelection",
+    "TransformerOutput",
+    "backbone",
+    "build_weight_dict",
+    "select_top_rho_tokens",
+]

@@ -1,5 +1,6 @@
 """All losses of the model in one place: set-prediction losses (focal, L1, GIoU) on the decoder output, every
 decoder layer, the two-stage encoder proposals and the encoder aux heads; and the scoring network's DAM loss."""
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 

@@ -3,6 +3,7 @@
 Sparse DETR trains its scoring network to predict the top-rho tokens of the DAM, and reports how much of the DAM
 mass falls on the tokens it selected (the "correlation").
 """
+
 from typing import Sequence, Tuple
 
 import torch

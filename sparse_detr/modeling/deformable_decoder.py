@@ -1,5 +1,6 @@
 """Deformable decoder: query self-attention, deformable cross-attention to the encoder memory, optional iterative
 box refinement."""
+
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -149,8 +150,15 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             references.append(reference_points)
-            output, locations, weights = layer(output, query_pos, ref_input, memory, levels.spatial_shapes,
-                                               levels.level_start_index, levels.padding_mask)
+            output, locations, weights = layer(
+                output,
+                query_pos,
+                ref_input,
+                memory,
+                levels.spatial_shapes,
+                levels.level_start_index,
+                levels.padding_mask,
+            )
             hs.append(output)
             sampling_locations.append(locations)
             attention_weights.append(weights)

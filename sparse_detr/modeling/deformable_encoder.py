@@ -4,6 +4,7 @@ Dense (Deformable DETR): every token is a query and the output replaces all of t
 selected tokens are queries; they still attend to all tokens (keys/values), and after each layer each image writes
 back its first `num_kept` updated tokens into the full token map, which the next layer reads as values.
 """
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -92,8 +93,9 @@ class DeformableEncoderLayer(nn.Module):
         Returns:
             [N, Q, C] updated queries.
         """
-        attn = self.self_attn(query + query_pos, reference_points, value, spatial_shapes, level_start_index,
-                              padding_mask)[0]
+        attn = self.self_attn(
+            query + query_pos, reference_points, value, spatial_shapes, level_start_index, padding_mask
+        )[0]
         query = self.norm1(query + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
         return self.norm2(query + self.dropout3(ffn))
@@ -171,8 +173,9 @@ class DeformableEncoder(nn.Module):
             query, query_pos = src, pos
         if aux_heads:
             if len(aux_heads) != self.num_layers - 1:
-                raise ValueError(f"aux_heads: one per encoder layer but the last ({self.num_layers - 1}), got "
-                                 f"{len(aux_heads)}")
+                raise ValueError(
+                    f"aux_heads: one per encoder layer but the last ({self.num_layers - 1}), got {len(aux_heads)}"
+                )
             if aux_proposals is None:
                 raise ValueError("aux_heads need aux_proposals")
             if selection is not None:
@@ -181,8 +184,15 @@ class DeformableEncoder(nn.Module):
         output = src
         aux_outputs: List[Prediction] = []
         for lid, layer in enumerate(self.layers):
-            query = layer(query, query_pos, reference_points, output, levels.spatial_shapes,
-                          levels.level_start_index, levels.padding_mask)
+            query = layer(
+                query,
+                query_pos,
+                reference_points,
+                output,
+                levels.spatial_shapes,
+                levels.level_start_index,
+                levels.padding_mask,
+            )
             output = query if selection is None else scatter_sparse_tokens(output, query, selection.indices, kept)
             if aux_heads and lid < self.num_layers - 1:
                 head = aux_heads[lid]

@@ -11,6 +11,7 @@ Both change only the rounding of the results, never the model:
 
 The folded backbone is a copy: the model's own parameters, its state dict and training are untouched.
 """
+
 import copy
 from typing import Dict, Tuple
 

@@ -5,6 +5,7 @@ The heads are stored as two lists, `class_embed` and `bbox_embed`, in the refere
 released and converted checkpoints pin (`class_embed.{i}.*`, `bbox_embed.{i}.*`); :class:`HeadLayout` is the one
 place that knows it, and :class:`DetectionHeads` gives each role a name.
 """
+
 import copy
 import math
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class HeadLayout:
         return self.num_decoder_layers + int(self.two_stage) + self.num_encoder_aux
 
     def role(self, index: int) -> str:
-        """"decoder", "proposal" or "encoder_aux"."""
+        """ "decoder", "proposal" or "encoder_aux"."""
         if index in self.decoder:
             return "decoder"
         if index == self.proposal:

@@ -1,4 +1,5 @@
 """The multi-level token layout: feature levels flattened into one sequence, level after level, row-major."""
+
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 

@@ -1,4 +1,5 @@
 """Hungarian matching of predictions to ground truth with a focal-style class cost, L1 and GIoU box costs."""
+
 from typing import List, Tuple
 
 import torch
@@ -65,7 +66,7 @@ class HungarianMatcher(nn.Module):
         tgt_labels = torch.cat([t.labels for t in targets])
         tgt_boxes = torch.cat([t.boxes for t in targets]).to(boxes.dtype)
 
-        neg_cost = (1 - self.alpha) * (prob ** self.gamma) * (-(1 - prob + 1e-8).log())
+        neg_cost = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
         pos_cost = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
         cost_class = pos_cost[:, tgt_labels] - neg_cost[:, tgt_labels]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)

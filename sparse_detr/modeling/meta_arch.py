@@ -1,4 +1,5 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
+
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -285,7 +286,7 @@ class SparseDETR(nn.Module):
         srcs = [proj(x) for proj, x in zip(self.input_proj, maps)]
         sizes = [x.shape[-2:] for x in maps]
         last = maps[-1]
-        for proj in self.input_proj[len(maps):]:
+        for proj in self.input_proj[len(maps) :]:
             last = proj(last)
             srcs.append(last)
             sizes.append(last.shape[-2:])
@@ -353,9 +354,7 @@ class SparseDETR(nn.Module):
         storage.put_scalars(**dict(zip(names, values)))
 
     # ------------------------------------------------------------------------------------------------ inference
-    def _inference(
-        self, batched_inputs: List[Dict[str, Any]]
-    ) -> Tuple[List[Dict[str, Instances]], TransformerOutput]:
+    def _inference(self, batched_inputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Instances]], TransformerOutput]:
         images = self.preprocess_image(batched_inputs)
         results, out = self.detect(images, self.inference_backbone()(images.tensor))
         processed = []

@@ -1,4 +1,5 @@
 """Typed records passed between the parts of the model: a set of predictions and an image's targets."""
+
 from typing import NamedTuple
 
 from torch import Tensor

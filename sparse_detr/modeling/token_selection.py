@@ -1,4 +1,5 @@
 """Sparse DETR's token selection: the scoring network and the per-image top-rho choice of encoder queries."""
+
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,4 @@ def select_top_rho_tokens(scores: Tensor, padding_mask: Tensor, rho: float) -> T
 def keep_mask(indices: Tensor, num_kept: Tensor, num_tokens: int) -> Tensor:
     """[N, num_tokens] bool, True on the first num_kept[i] tokens of indices[i] ([N, K])."""
     kept = torch.arange(indices.shape[1], device=indices.device)[None] < num_kept[:, None]
-    return torch.zeros(indices.shape[0], num_tokens, dtype=torch.bool, device=indices.device).scatter(
-        1, indices, kept
-    )
+    return torch.zeros(indices.shape[0], num_tokens, dtype=torch.bool, device=indices.device).scatter(1, indices, kept)

@@ -5,6 +5,7 @@ between: flattening with level embeddings, the token selection by the scoring ne
 encoder, the two-stage proposals from the encoder output with top-k query initialization (Efficient DETR), and the
 decoder. The detection heads are owned by the meta-architecture and passed in (:class:`DetectionHeads`).
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -40,14 +41,14 @@ def encoder_output_proposals(padding_mask: Tensor, shapes: Sequence[Tuple[int, i
     proposals = []
     start = 0
     for lvl, (h, w) in enumerate(shapes):
-        mask = padding_mask[:, start:start + h * w].view(N, h, w)
+        mask = padding_mask[:, start : start + h * w].view(N, h, w)
         ys = torch.arange(h, dtype=torch.float32, device=padding_mask.device)
         xs = torch.arange(w, dtype=torch.float32, device=padding_mask.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)
         scale = valid_sizes(mask).flip(-1).view(N, 1, 1, 2)
         centres = (grid[None].expand(N, -1, -1, -1) + 0.5) / scale
-        sizes = torch.full_like(centres, 0.05 * 2.0 ** lvl)
+        sizes = torch.full_like(centres, 0.05 * 2.0**lvl)
         proposals.append(torch.cat((centres, sizes), -1).view(N, -1, 4))
         start += h * w
     proposals = torch.cat(proposals, 1)
@@ -161,8 +162,9 @@ class DeformableTransformer(nn.Module):
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.enc_mask_predictor = ScoringNetwork(d_model, d_model) if rho > 0 else None
-        layer_kwargs = dict(d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels,
-                            n_heads=nhead)
+        layer_kwargs = dict(
+            d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels, n_heads=nhead
+        )
         self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
         self.decoder = DeformableDecoder(num_decoder_layers, n_points=dec_n_points, **layer_kwargs)
         if two_stage:
@@ -252,8 +254,10 @@ class DeformableTransformer(nn.Module):
         """
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         lvl_pos_embed = torch.cat(
-            [pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-             for lvl, pos in enumerate(pos_embeds)],
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                for lvl, pos in enumerate(pos_embeds)
+            ],
             1,
         )
         levels = FlatLevels.from_masks(masks)

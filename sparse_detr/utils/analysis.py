@@ -6,6 +6,7 @@ The reference implementation runs, at inference too, heads whose outputs only it
 encoder aux heads on the selected tokens, and the heads of the intermediate decoder layers); this model skips them
 at inference. :func:`training_only_head_flops` counts them, so that both figures can be shown side by side.
 """
+
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -49,8 +50,13 @@ def module_groups(model: nn.Module) -> "OrderedDict[str, List[str]]":
             ),
             (
                 "decoder",
-                ["transformer.decoder", "transformer.reference_points", "transformer.pos_trans",
-                 "transformer.pos_trans_norm", "query_embed"],
+                [
+                    "transformer.decoder",
+                    "transformer.reference_points",
+                    "transformer.pos_trans",
+                    "transformer.pos_trans_norm",
+                    "query_embed",
+                ],
             ),
             ("prediction heads", heads.module_names("decoder")),
             ("encoder aux heads", heads.module_names("encoder_aux")),

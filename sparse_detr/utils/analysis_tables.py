@@ -5,6 +5,7 @@ multiply-add is one FLOP, elementwise ops are not counted, and the deformable at
 the reference's grid_sample path (see :mod:`sparse_detr.utils.flop_count`). Both the count of this model's inference
 path and the count with the heads that only training uses (which the reference also runs at inference) are given.
 """
+
 import logging
 from collections import Counter, OrderedDict
 from typing import Any, Dict, Iterable, List, Sequence
@@ -111,8 +112,13 @@ def analyze_parameters(cfg: CfgNode) -> Dict[str, int]:
     rows = [(part, f"{trainable[part]:,}", f"{everything[part]:,}") for part in trainable]
     aux = trainable.get("encoder aux heads", 0)
     if aux:
-        rows.append(("total without the encoder aux heads", f"{trainable['total'] - aux:,}",
-                     f"{everything['total'] - everything['encoder aux heads']:,}"))
+        rows.append(
+            (
+                "total without the encoder aux heads",
+                f"{trainable['total'] - aux:,}",
+                f"{everything['total'] - everything['encoder aux heads']:,}",
+            )
+        )
     logger.info(
         f"Parameters ({cfg.MODEL.SPARSE_DETR.NUM_CLASSES} classes):\n"
         + tabulate(rows, headers=["part", "trainable", "all"], tablefmt="pipe")

@@ -5,6 +5,7 @@ sparse encoder keeps int(rho * tokens) + 1 tokens whatever it scores). Timings e
 models take turns iteration by iteration, so a change in machine load hits all of them alike and the speed-up column
 stays comparable.
 """
+
 import os
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -71,7 +72,9 @@ def measure(
     taking turns (see :func:`~sparse_detr.utils.timing.interleaved_times`)."""
     with _autocast(device, amp):
         return interleaved_times(
-            {name: (lambda m=model: m(batch)) for name, model in models.items()}, warmup, iters,
+            {name: (lambda m=model: m(batch)) for name, model in models.items()},
+            warmup,
+            iters,
             sync=lambda: _sync(device),
         )
 

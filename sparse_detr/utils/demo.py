@@ -1,6 +1,7 @@
 """The pictures of projects/SparseDETR/demo.py: a model's detections and, for Sparse DETR, the scoring network's
 saliency and the kept tokens of each encoder level, drawn on images or on the frames of a video.
 """
+
 import glob
 import logging
 import os
@@ -42,7 +43,10 @@ class Demo:
         """
         predictions, saliency = self.predictor(image_bgr)
         figure = render_saliency_figure(
-            np.ascontiguousarray(image_bgr[:, :, ::-1]), predictions["instances"], saliency, self.metadata,
+            np.ascontiguousarray(image_bgr[:, :, ::-1]),
+            predictions["instances"],
+            saliency,
+            self.metadata,
             self.threshold,
         )
         return predictions, figure

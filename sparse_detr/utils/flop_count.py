@@ -7,6 +7,7 @@ path costs 4 * N * M * D * Lq * L * P per call. :func:`ms_deform_attn_flop_jit` 
 `sparse_detr::ms_deform_attn` exactly that count, so a model running the compiled op is counted like one running the
 grid_sample path.
 """
+
 from numbers import Number
 from typing import Any, List
 

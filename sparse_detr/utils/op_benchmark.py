@@ -18,6 +18,7 @@ that freed tensors leave the resident set (otherwise malloc keeps them and a lat
 timings keep malloc's defaults). It counts outputs, saved activations, temporaries and gradients. On CUDA it is
 torch.cuda.max_memory_allocated() minus what was allocated before the call.
 """
+
 import argparse
 import json
 import os
@@ -162,15 +163,24 @@ def memory_child(call: str, device: str, dtype_name: str) -> Dict:
     return result
 
 
-def _spawn(
-    mode: str, call: str, device: str, dtype: str, warmup: int, repeats: int, threads: Optional[int]
-) -> Dict:
+def _spawn(mode: str, call: str, device: str, dtype: str, warmup: int, repeats: int, threads: Optional[int]) -> Dict:
     """Runs :func:`time_child` or :func:`memory_child` in a fresh interpreter (this module as __main__)."""
     env = dict(os.environ)
     if mode == "memory" and device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # see the module docstring; timings keep malloc's default
-    cmd = [sys.executable, "-m", __name__, mode, call, device, dtype,
-           "--warmup", str(warmup), "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        __name__,
+        mode,
+        call,
+        device,
+        dtype,
+        "--warmup",
+        str(warmup),
+        "--repeats",
+        str(repeats),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """Random states derived from a run's seed and a position in the run, so that a resumed run draws what the
 uninterrupted run drew at the same position, without the states of the processes that ran before."""
+
 import contextlib
 import random
 from typing import Iterator, Sequence

@@ -1,4 +1,5 @@
 """Timing and memory measurement for the benchmark tools: interleaved runs and the peak memory of one call."""
+
 import ctypes
 import gc
 import os

@@ -4,6 +4,7 @@ The model reports, per image, one saliency map and one kept-token mask per encod
 image's valid (unpadded) region (see `SparseDETR.inference_with_saliency`). Each level covers the whole input image,
 so every map is stretched onto the image (nearest neighbour, so that tokens stay visible as blocks).
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2

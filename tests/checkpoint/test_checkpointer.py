@@ -1,5 +1,6 @@
 """The checkpointer: atomic writes, no checkpoint of non-finite weights, fine-tuning with another number of classes,
 and no tensor of another shape skipped in silence."""
+
 import logging
 import os
 
@@ -53,9 +54,12 @@ def test_non_finite_weights_are_not_saved(tiny_model, tmp_path):
     with torch.no_grad():
         tiny_model.transformer.level_embed[0, 0] = float("nan")
         tiny_model.class_embed[0].bias[1] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"Not saving checkpoint model_0000002 after iteration 2: the "
-                                                 r"model's transformer.level_embed, class_embed.0.bias, .* hold NaN "
-                                                 r"or infinity .* last_checkpoint still names model_0000001.pth"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Not saving checkpoint model_0000002 after iteration 2: the "
+        r"model's transformer.level_embed, class_embed.0.bias, .* hold NaN "
+        r"or infinity .* last_checkpoint still names model_0000001.pth",
+    ):
         checkpointer.save("model_0000002", iteration=2)
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
 
@@ -99,15 +103,21 @@ def test_other_shapes_are_errors(tiny_cfg, tmp_path, fine_tune):
     weights = str(tmp_path / "w.pth")
     torch.save({"model": _build(tiny_cfg(DIM_FEEDFORWARD=48)).state_dict()}, weights)
     model = _build(tiny_cfg())
-    with pytest.raises(ValueError, match=r"Cannot load .*w.pth \(MODEL.WEIGHTS\): tensors of other shapes than the "
-                                         r"model's: transformer.encoder.layers.0.linear1.weight: \(48, 32\) in the "
-                                         r"checkpoint, \(64, 32\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot load .*w.pth \(MODEL.WEIGHTS\): tensors of other shapes than the "
+        r"model's: transformer.encoder.layers.0.linear1.weight: \(48, 32\) in the "
+        r"checkpoint, \(64, 32\) in the model",
+    ):
         SparseDetrCheckpointer(model, fine_tune=fine_tune).resume_or_load(weights, resume=False)
 
 
 def test_class_heads_of_another_size_are_errors_when_evaluating(tiny_cfg, tmp_path):
     weights = str(tmp_path / "w.pth")
     torch.save({"model": _build(tiny_cfg()).state_dict()}, weights)
-    with pytest.raises(ValueError, match=r"class_embed.0.weight: \(5, 32\) in the checkpoint, \(3, 32\) in the "
-                                         r"model.*trained with another config"):
+    with pytest.raises(
+        ValueError,
+        match=r"class_embed.0.weight: \(5, 32\) in the checkpoint, \(3, 32\) in the "
+        r"model.*trained with another config",
+    ):
         SparseDetrCheckpointer(_build(tiny_cfg(NUM_CLASSES=3))).resume_or_load(weights, resume=False)

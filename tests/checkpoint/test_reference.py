@@ -6,6 +6,7 @@ with filler in the unused COCO ids, the reference's alias entries), so the conve
 independent statement of the reference's layout. Its numerical agreement with the reference code itself is
 described in projects/SparseDETR/CONVERTING.md.
 """
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """torchvision and SCRL ResNets converted to detectron2 backbone weights (sparse_detr.checkpoint.resnet)."""
+
 import pickle
 from pathlib import Path
 

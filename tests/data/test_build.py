@@ -1,13 +1,13 @@
 """Datasets are checked when the loaders are built, with errors that name the problem."""
+
 import json
 import os
 
 import pytest
-from detectron2.structures import BoxMode
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import BoxMode
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.data import DetrDatasetMapper
@@ -88,10 +88,28 @@ def _cfg(train_name):
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
     cfg.merge_from_file("configs/Base-SparseDETR.yaml")
-    cfg.merge_from_list(["DATASETS.TRAIN", (train_name,), "MODEL.SPARSE_DETR.NUM_CLASSES", 4,
-                         "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 3,
-                         "INPUT.MIN_SIZE_TRAIN", (32, 40), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 40,
-                         "INPUT.CROP.MIN_SIZE_BEFORE_CROP", (40,), "INPUT.CROP.SIZE", (24, 36)])
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN",
+            (train_name,),
+            "MODEL.SPARSE_DETR.NUM_CLASSES",
+            4,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "SOLVER.IMS_PER_BATCH",
+            3,
+            "INPUT.MIN_SIZE_TRAIN",
+            (32, 40),
+            "INPUT.MAX_SIZE_TRAIN",
+            64,
+            "INPUT.MIN_SIZE_TEST",
+            40,
+            "INPUT.CROP.MIN_SIZE_BEFORE_CROP",
+            (40,),
+            "INPUT.CROP.SIZE",
+            (24, 36),
+        ]
+    )
     return cfg
 
 
@@ -111,13 +129,22 @@ def test_loaders_yield_model_inputs(coco_split, register):
 def test_class_ids_beyond_num_classes_name_the_dataset(coco_split):
     """A dataset registered from Python without category names: its ids are checked against the model's classes."""
     json_file, image_root = coco_split
-    dicts = [{"file_name": os.path.join(image_root, "000001.jpg"), "height": 48, "width": 48, "image_id": 1,
-              "annotations": [{"bbox": [1, 1, 9, 9], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c}
-                              for c in (0, 7)]}]
+    dicts = [
+        {
+            "file_name": os.path.join(image_root, "000001.jpg"),
+            "height": 48,
+            "width": 48,
+            "image_id": 1,
+            "annotations": [{"bbox": [1, 1, 9, 9], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c} for c in (0, 7)],
+        }
+    ]
     DatasetCatalog.register("test_build_ids", lambda: dicts)
     try:
-        with pytest.raises(ValueError, match=r"Dataset 'test_build_ids' has class id 7 in .*000001.jpg, outside the "
-                                             r"model's MODEL.SPARSE_DETR.NUM_CLASSES = 4 classes \(ids 0..3\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"Dataset 'test_build_ids' has class id 7 in .*000001.jpg, outside the "
+            r"model's MODEL.SPARSE_DETR.NUM_CLASSES = 4 classes \(ids 0..3\)",
+        ):
             load_dataset_dicts(["test_build_ids"], num_classes=4)
         assert len(load_dataset_dicts(["test_build_ids"], num_classes=8)) == 1
     finally:
@@ -126,12 +153,18 @@ def test_class_ids_beyond_num_classes_name_the_dataset(coco_split):
 
 def test_num_classes_must_match_the_categories(coco_split, register):
     name = register("test_build_classes", *coco_split)
-    with pytest.raises(ValueError, match=r"class id 3 \('cross' of 4 categories\) in .*, outside the model's "
-                                         r"MODEL.SPARSE_DETR.NUM_CLASSES = 3 classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"class id 3 \('cross' of 4 categories\) in .*, outside the model's "
+        r"MODEL.SPARSE_DETR.NUM_CLASSES = 3 classes",
+    ):
         load_dataset_dicts([name], num_classes=3)
-    with pytest.raises(ValueError, match=r"MODEL.SPARSE_DETR.NUM_CLASSES is 80 but dataset 'test_build_classes' has 4 "
-                                         r"categories \(circle, square, triangle, cross\); set "
-                                         r"MODEL.SPARSE_DETR.NUM_CLASSES 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"MODEL.SPARSE_DETR.NUM_CLASSES is 80 but dataset 'test_build_classes' has 4 "
+        r"categories \(circle, square, triangle, cross\); set "
+        r"MODEL.SPARSE_DETR.NUM_CLASSES 4",
+    ):
         load_dataset_dicts([name], num_classes=80)
     assert len(load_dataset_dicts([name], num_classes=4)) == 4
 
@@ -148,14 +181,18 @@ def test_images_that_fail_to_decode_are_named(coco_split, register):
     mapper = DetrDatasetMapper(_cfg(name), is_train=True)
     with pytest.raises(OSError, match=r"Cannot decode image .*000002.jpg: OSError: image file is truncated"):
         mapper([d for d in dicts if d["file_name"] == broken][0])
-    with pytest.raises(OSError, match=r"1 of 4 images of dataset 'test_build_truncated' cannot be decoded: "
-                                      r".*000002.jpg \(OSError: image file is truncated"):
+    with pytest.raises(
+        OSError,
+        match=r"1 of 4 images of dataset 'test_build_truncated' cannot be decoded: "
+        r".*000002.jpg \(OSError: image file is truncated",
+    ):
         load_dataset_dicts([name], check_images=True)
 
 
 def test_unsupported_sampler_names_the_key(coco_split, register):
     cfg = _cfg(register("test_build_sampler", *coco_split))
     cfg.DATALOADER.SAMPLER_TRAIN = "RandomSubsetTrainingSampler"
-    with pytest.raises(ValueError, match="DATALOADER.SAMPLER_TRAIN must be 'TrainingSampler' or "
-                                         "'RepeatFactorTrainingSampler'"):
+    with pytest.raises(
+        ValueError, match="DATALOADER.SAMPLER_TRAIN must be 'TrainingSampler' or 'RepeatFactorTrainingSampler'"
+    ):
         build_detr_train_loader(cfg)

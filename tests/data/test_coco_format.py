@@ -1,5 +1,6 @@
 """COCO-format datasets of one's own, registered by the config (DATASETS.REGISTER_COCO_INSTANCES) in setup_cfg,
 the config of every tool."""
+
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,11 @@ def test_registered_by_setup_cfg_with_their_categories(own_coco_dataset, tmp_pat
     [
         ("[('only_a_name',)]", r"each entry must be \(name, json_file, image_root\), three non-empty strings"),
         ("[('x', '', 'images')]", r"each entry must be .* got \('x', '', 'images'\)"),
-        ("[('synthetic_shapes_train', 'a.json', 'images')]", r"dataset name 'synthetic_shapes_train' is already "
-                                                              r"registered .* give \(a.json, images\) another name"),
+        (
+            "[('synthetic_shapes_train', 'a.json', 'images')]",
+            r"dataset name 'synthetic_shapes_train' is already "
+            r"registered .* give \(a.json, images\) another name",
+        ),
     ],
 )
 def test_bad_entries_name_the_key(entry, message):

@@ -1,8 +1,8 @@
 """The DETR mapper keeps boxes on the pixels they annotate through flip, resize and crop."""
+
 import numpy as np
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
@@ -10,9 +10,7 @@ from detectron2.structures import BoxMode
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.data import DetrDatasetMapper, RandomSelect, attach_image_bytes, build_detr_augmentation
 
-PALETTE = np.array(
-    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.uint8
-)
+PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.uint8)
 
 
 def small_cfg():
@@ -78,6 +76,7 @@ def check_boxes_bound_colours(out, image_shape):
         assert abs(xs.min() - x0) <= 1.0 and abs(xs.max() + 1 - x1) <= 1.0
         assert abs(ys.min() - y0) <= 1.0 and abs(ys.max() + 1 - y1) <= 1.0
 
+
 def test_train_augmentation_keeps_boxes_on_their_pixels(monkeypatch):
     cfg = small_cfg()
     mapper = DetrDatasetMapper(cfg, is_train=True)
@@ -100,11 +99,17 @@ def test_train_augmentation_keeps_boxes_on_their_pixels(monkeypatch):
     assert samples_losing_boxes > 0  # the crop branch ran
     assert "annotations" not in out
 
+
 def test_crop_that_removes_every_box_gives_empty_instances(monkeypatch):
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     image[5:15, 5:15] = PALETTE[0]
-    d = {"file_name": "unused", "image_id": 0, "height": 100, "width": 100,
-         "annotations": [{"bbox": [5, 5, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}]}
+    d = {
+        "file_name": "unused",
+        "image_id": 0,
+        "height": 100,
+        "width": 100,
+        "annotations": [{"bbox": [5, 5, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}],
+    }
     monkeypatch.setattr("sparse_detr.data.image_cache.utils.read_image", lambda *a, **k: image)
     mapper = DetrDatasetMapper(is_train=True, augmentations=[T.CropTransform(50, 50, 40, 30)], image_format="RGB")
     out = mapper(d)
@@ -116,10 +121,16 @@ def test_crop_that_removes_every_box_gives_empty_instances(monkeypatch):
 
 def test_crop_clips_boxes_and_crowd_is_dropped(monkeypatch):
     image = np.zeros((100, 100, 3), dtype=np.uint8)
-    d = {"file_name": "unused", "image_id": 0, "height": 100, "width": 100, "annotations": [
-        {"bbox": [10, 10, 40, 40], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3, "iscrowd": 0},
-        {"bbox": [30, 30, 20, 20], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 1},
-    ]}
+    d = {
+        "file_name": "unused",
+        "image_id": 0,
+        "height": 100,
+        "width": 100,
+        "annotations": [
+            {"bbox": [10, 10, 40, 40], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3, "iscrowd": 0},
+            {"bbox": [30, 30, 20, 20], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 1},
+        ],
+    }
     monkeypatch.setattr("sparse_detr.data.image_cache.utils.read_image", lambda *a, **k: image)
     mapper = DetrDatasetMapper(is_train=True, augmentations=[T.CropTransform(30, 20, 50, 60)], image_format="RGB")
     out = mapper(d)
@@ -133,8 +144,13 @@ def test_test_mapper_resizes_and_drops_annotations(monkeypatch):
     cfg = small_cfg()
     image = np.zeros((80, 120, 3), dtype=np.uint8)
     monkeypatch.setattr("sparse_detr.data.image_cache.utils.read_image", lambda *a, **k: image)
-    d = {"file_name": "unused", "image_id": 7, "height": 80, "width": 120,
-         "annotations": [{"bbox": [0, 0, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}]}
+    d = {
+        "file_name": "unused",
+        "image_id": 7,
+        "height": 80,
+        "width": 120,
+        "annotations": [{"bbox": [0, 0, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}],
+    }
     out = DetrDatasetMapper(cfg, is_train=False)(d)
     assert out["image"].shape == (3, 64, 96) and out["image"].dtype == torch.uint8
     assert "instances" not in out and "annotations" not in out
@@ -188,4 +204,6 @@ def test_cached_bytes_decode_to_the_same_image(tmp_path):
     assert isinstance(dicts[0]["image_bytes"], bytes)
     cached = mapper(dicts[0])
     assert "image_bytes" not in cached and "image_bytes" in dicts[0]
-    assert torch.equal(plain["image"], cached["image"]) and torch.equal(cached["image"].permute(1, 2, 0), torch.from_numpy(image))
+    assert torch.equal(plain["image"], cached["image"]) and torch.equal(
+        cached["image"].permute(1, 2, 0), torch.from_numpy(image)
+    )

@@ -1,4 +1,5 @@
 """INPUT.RESIZE_ROUNDING "reference": the reference's resize arithmetic, where detectron2 rounds differently."""
+
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -49,5 +50,6 @@ def test_bad_values_name_the_key():
     with pytest.raises(ValueError, match="INPUT.RESIZE_ROUNDING must be one of"):
         build_detr_augmentation(_cfg(RESIZE_ROUNDING="floor"), is_train=False)
     with pytest.raises(ValueError, match="INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice'"):
-        build_detr_augmentation(_cfg(RESIZE_ROUNDING="reference", MIN_SIZE_TRAIN_SAMPLING="range",
-                                     MIN_SIZE_TRAIN=(480, 800)), is_train=True)
+        build_detr_augmentation(
+            _cfg(RESIZE_ROUNDING="reference", MIN_SIZE_TRAIN_SAMPLING="range", MIN_SIZE_TRAIN=(480, 800)), is_train=True
+        )

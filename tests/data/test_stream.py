@@ -1,4 +1,5 @@
 """The training stream is a function of (seed, batches consumed): resumed, it goes on as it would have."""
+
 import itertools
 import random
 
@@ -22,8 +23,7 @@ def stream(seed=3, workers=0, grouping=False, batch_size=3):
     def make_sampler(seed):
         return TrainingSampler(len(DICTS), seed=seed)
 
-    return TrainStream(DICTS, draw, make_sampler, batch_size, seed, num_workers=workers,
-                       aspect_ratio_grouping=grouping)
+    return TrainStream(DICTS, draw, make_sampler, batch_size, seed, num_workers=workers, aspect_ratio_grouping=grouping)
 
 
 def take(s, n):

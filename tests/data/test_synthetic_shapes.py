@@ -1,11 +1,11 @@
 """Generation, caching and registration of the synthetic shapes dataset."""
+
 import json
 import os
 import threading
 
 import numpy as np
 import pytest
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from sparse_detr.data.datasets import (

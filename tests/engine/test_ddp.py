@@ -1,11 +1,11 @@
 """DDP wrapping: a single process is left alone, and DDP needs no find_unused_parameters for any variant."""
+
 import pytest
 import torch
-from torch import nn
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 import sparse_detr  # noqa: F401
 from sparse_detr import add_sparse_detr_config
@@ -14,8 +14,14 @@ from sparse_detr.engine import create_ddp_model
 VARIANTS = {
     "deformable_detr": {},
     "bbr_two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-    "sparse_detr": {"WITH_BOX_REFINE": True, "TWO_STAGE": True, "EFF_QUERY_INIT": True, "EFF_SPECIFIC_HEAD": True,
-                    "RHO": 0.3, "USE_ENC_AUX_LOSS": True},
+    "sparse_detr": {
+        "WITH_BOX_REFINE": True,
+        "TWO_STAGE": True,
+        "EFF_QUERY_INIT": True,
+        "EFF_SPECIFIC_HEAD": True,
+        "RHO": 0.3,
+        "USE_ENC_AUX_LOSS": True,
+    },
 }
 
 
@@ -39,8 +45,11 @@ def test_every_trainable_parameter_gets_a_gradient(variant):
     model = build_model(cfg).train()
     batch = []
     for boxes in ([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]], []):
-        inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor(boxes).reshape(-1, 4)),
-                         gt_classes=torch.arange(len(boxes), dtype=torch.int64))
+        inst = Instances(
+            (64, 64),
+            gt_boxes=Boxes(torch.tensor(boxes).reshape(-1, 4)),
+            gt_classes=torch.arange(len(boxes), dtype=torch.int64),
+        )
         batch.append({"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "instances": inst})
     sum(model(batch).values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

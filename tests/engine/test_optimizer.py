@@ -1,9 +1,9 @@
 """Param groups, learning rates and full-model gradient clipping of the reference's optimizer."""
+
 import pytest
 import torch
-from torch import nn
-
 from detectron2.config import get_cfg
+from torch import nn
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.engine import (
@@ -47,16 +47,25 @@ def test_groups_follow_the_reference_precedence():
     assert by["backbone"] == ["backbone.res3.bias", "backbone.res3.weight"]
     # The reference tests linear-proj names first: they win over the backbone match.
     assert by["linear_proj"] == [
-        "backbone.sampling_offsets.bias", "backbone.sampling_offsets.weight",
-        "transformer.reference_points.bias", "transformer.reference_points.weight",
-        "transformer.sampling_offsets.bias", "transformer.sampling_offsets.weight",
+        "backbone.sampling_offsets.bias",
+        "backbone.sampling_offsets.weight",
+        "transformer.reference_points.bias",
+        "transformer.reference_points.weight",
+        "transformer.sampling_offsets.bias",
+        "transformer.sampling_offsets.weight",
     ]
-    assert by["default"] == ["class_embed.bias", "class_embed.weight", "transformer.value_proj.bias",
-                             "transformer.value_proj.weight"]
+    assert by["default"] == [
+        "class_embed.bias",
+        "class_embed.weight",
+        "transformer.value_proj.bias",
+        "transformer.value_proj.weight",
+    ]
     # Frozen parameters are in no group; every trainable one is in exactly one.
     all_names = sum(by.values(), [])
     assert len(all_names) == len(set(all_names)) == sum(p.requires_grad for p in model.parameters())
-    assert {g["name"]: g["lr"] for g in groups} == pytest.approx({"default": 2e-4, "backbone": 2e-5, "linear_proj": 2e-5})
+    assert {g["name"]: g["lr"] for g in groups} == pytest.approx(
+        {"default": 2e-4, "backbone": 2e-5, "linear_proj": 2e-5}
+    )
 
 
 def test_build_optimizer_from_the_base_config():
@@ -160,7 +169,10 @@ def test_optimizer_state_of_another_shape_is_named_before_loading():
     new = Toy()
     new.class_embed = nn.Linear(2, 4)  # e.g. MODEL.SPARSE_DETR.NUM_CLASSES changed
     new_opt = build_optimizer(cfg, new)
-    with pytest.raises(ValueError, match=r"exp_avg of parameter 'class_embed.weight' has shape \(3, 2\) in the "
-                                         r"checkpoint but the parameter has \(4, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"exp_avg of parameter 'class_embed.weight' has shape \(3, 2\) in the "
+        r"checkpoint but the parameter has \(4, 2\)",
+    ):
         check_optimizer_state(new_opt, saved, new)
     check_optimizer_state(build_optimizer(cfg, Toy()), saved, Toy())  # same shapes: nothing to say

@@ -1,8 +1,8 @@
 """The schedule's counts are checked, and it keeps its length in epochs when the total batch size changes."""
+
 import math
 
 import pytest
-
 from detectron2.config import get_cfg
 
 from sparse_detr import add_sparse_detr_config
@@ -56,8 +56,12 @@ def test_refuses_to_combine_with_reference_world_size():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("SOLVER.STEPS", (369650,), r"SOLVER\.STEPS must be increasing iterations within \[1, SOLVER\.MAX_ITER - 1\] "
-                                    r"= \[1, 369649\], got \(369650,\)"),
+        (
+            "SOLVER.STEPS",
+            (369650,),
+            r"SOLVER\.STEPS must be increasing iterations within \[1, SOLVER\.MAX_ITER - 1\] "
+            r"= \[1, 369649\], got \(369650,\)",
+        ),
         ("SOLVER.STEPS", (400000,), r"SOLVER\.STEPS must be .* got \(400000,\)"),
         ("SOLVER.STEPS", (200, 100), r"SOLVER\.STEPS must be increasing"),
         ("SOLVER.STEPS", (0,), r"SOLVER\.STEPS must be"),

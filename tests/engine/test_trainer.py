@@ -1,9 +1,9 @@
 """The Trainer on the CPU: an iteration, its guards, and evaluation with COCOEvaluator."""
+
 import os
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import SimpleTrainer
@@ -19,7 +19,9 @@ TRAIN, VAL = "test_engine_shapes_train", "test_engine_shapes_val"
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    register_synthetic_shapes(TRAIN, str(root / "train"), SyntheticShapesSpec(num_images=6, height=64, width=64, seed=1))
+    register_synthetic_shapes(
+        TRAIN, str(root / "train"), SyntheticShapesSpec(num_images=6, height=64, width=64, seed=1)
+    )
     register_synthetic_shapes(VAL, str(root / "val"), SyntheticShapesSpec(num_images=3, height=64, width=64, seed=2))
     yield
     for name in (TRAIN, VAL):
@@ -32,8 +34,22 @@ def cfg(shapes, tmp_path):
     cfg = get_cfg()
     add_sparse_detr_config(cfg)
     cfg.merge_from_file("configs/demo/sparse_detr_shapes_smoke.yaml")
-    cfg.merge_from_list(["DATASETS.TRAIN", (TRAIN,), "DATASETS.TEST", (VAL,), "OUTPUT_DIR", str(tmp_path),
-                         "SOLVER.MAX_ITER", 1, "SOLVER.STEPS", (), "SEED", 0])
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN",
+            (TRAIN,),
+            "DATASETS.TEST",
+            (VAL,),
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "SOLVER.MAX_ITER",
+            1,
+            "SOLVER.STEPS",
+            (),
+            "SEED",
+            0,
+        ]
+    )
     return cfg
 
 
@@ -97,8 +113,11 @@ def test_divergence_stops_at_the_first_non_finite_step_without_checkpointing_it(
     cfg.merge_from_list(["SOLVER.BASE_LR", 1e10, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1])
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    with pytest.raises(FloatingPointError, match=r"Non-finite predictions at iteration 1: logits \(loss_ce\), "
-                                                 r"boxes \(loss_bbox\), .*SOLVER.BASE_LR"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Non-finite predictions at iteration 1: logits \(loss_ce\), "
+        r"boxes \(loss_bbox\), .*SOLVER.BASE_LR",
+    ):
         trainer.train()
     assert sorted(f for f in os.listdir(cfg.OUTPUT_DIR) if f.endswith(".pth")) == ["model_0000000.pth"]
     last = trainer.checkpointer.get_checkpoint_file()
@@ -111,8 +130,11 @@ def test_resume_after_a_shape_change_fails_before_any_step(cfg):
     cfg.MODEL.SPARSE_DETR.DIM_FEEDFORWARD = 32  # the smoke config's is 64
     cfg.SOLVER.MAX_ITER = 3
     trainer = Trainer(cfg)
-    with pytest.raises(ValueError, match=r"Cannot load .*model_final.pth \(resumed\): tensors of other shapes than "
-                                         r"the model's: transformer.encoder.layers.0.linear1.weight: \(64, 64\) in "
-                                         r"the checkpoint, \(32, 64\) in the model.*a resumed run must have the "
-                                         r"shapes it was saved with"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot load .*model_final.pth \(resumed\): tensors of other shapes than "
+        r"the model's: transformer.encoder.layers.0.linear1.weight: \(64, 64\) in "
+        r"the checkpoint, \(32, 64\) in the model.*a resumed run must have the "
+        r"shapes it was saved with",
+    ):
         trainer.resume_or_load(resume=True)

@@ -1,4 +1,5 @@
 """One torch.export per paper variant, shared by all export tests (tracing a tiny model takes seconds)."""
+
 from typing import Dict, Tuple
 
 import pytest

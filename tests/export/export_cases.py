@@ -1,4 +1,5 @@
 """The cases the export tests share: the paper variants to export, the image sizes, random images."""
+
 from typing import Dict
 
 import torch
@@ -8,8 +9,15 @@ import torch
 # config has two): translating the graph to ONNX takes time in proportion to its nodes.
 VARIANTS: Dict[str, dict] = {
     "bbr_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, ENC_LAYERS=1),
-    "sparse": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3,
-                   TEST_RHO=0.1, ENC_LAYERS=1),
+    "sparse": dict(
+        WITH_BOX_REFINE=True,
+        TWO_STAGE=True,
+        EFF_QUERY_INIT=True,
+        EFF_SPECIFIC_HEAD=True,
+        RHO=0.3,
+        TEST_RHO=0.1,
+        ENC_LAYERS=1,
+    ),
 }
 # two sizes: the traced one and another (other token counts, other kept-token counts)
 SIZES = ((192, 256), (137, 203))

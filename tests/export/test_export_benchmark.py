@@ -1,4 +1,5 @@
 """projects/SparseDETR/benchmark_deploy.py (its logic: sparse_detr.export.benchmark): one table of paths."""
+
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,24 @@ SMOKE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 
 def test_eager_paths_in_one_table(capsys):
     # the export paths take the time of an export each; eager and compile do not need one
-    out = main(["--config-file", SMOKE, "--paths", "eager-plain", "eager-fast", "--input-size", "64", "96",
-                "--warmup", "0", "--iters", "2", "MODEL.DEVICE", "cpu"])
+    out = main(
+        [
+            "--config-file",
+            SMOKE,
+            "--paths",
+            "eager-plain",
+            "eager-fast",
+            "--input-size",
+            "64",
+            "96",
+            "--warmup",
+            "0",
+            "--iters",
+            "2",
+            "MODEL.DEVICE",
+            "cpu",
+        ]
+    )
     assert list(out["rows"]) == ["eager-plain", "eager-fast"]
     for row in out["rows"].values():
         assert row["seconds"] > 0

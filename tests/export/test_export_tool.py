@@ -1,5 +1,6 @@
 """projects/SparseDETR/export_model.py (its logic: sparse_detr.export.tool): files written, verified, bad input
 named, and a clear message where the ONNX packages are missing."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,18 @@ def test_onnx_written_and_verified_with_onnxruntime(tiny_cfg, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     config = tmp_path / "tiny_sparse.yaml"
     config.write_text(tiny_cfg(**VARIANTS["sparse"]).dump())
-    out = main(["--config-file", str(config), "--format", "onnx", "--no-optimize", "--output", str(tmp_path / "out"),
-                "--verify"])
+    out = main(
+        [
+            "--config-file",
+            str(config),
+            "--format",
+            "onnx",
+            "--no-optimize",
+            "--output",
+            str(tmp_path / "out"),
+            "--verify",
+        ]
+    )
     assert out["path"] == str(tmp_path / "out" / "model.onnx") and Path(out["path"]).is_file()
     assert set(out["parity"]) == {"sample image", "second size"}
     assert all(p.within_tolerance for p in out["parity"].values()), out["parity"]
@@ -33,12 +44,32 @@ def test_onnx_written_and_verified_with_onnxruntime(tiny_cfg, tmp_path, capsys):
     "argv, error, match",
     [
         (["--config-file", "no_such.yaml", "--output", "x"], FileNotFoundError, "--config-file: no such file"),
-        (["--config-file", SMOKE, "--output", "x", "--format", "torch_export", "--trt-plugin"], ValueError,
-         "--trt-plugin applies to --format onnx"),
-        (["--config-file", SMOKE, "--output", "x", "--trt-plugin", "--verify"], ValueError,
-         "cannot run the TensorRT plugin"),
-        (["--config-file", SMOKE, "--output", "x", "--format", "torch_export", "--sample-image", "no_such.jpg",
-          "MODEL.DEVICE", "cpu"], FileNotFoundError, "--sample-image: no such file"),
+        (
+            ["--config-file", SMOKE, "--output", "x", "--format", "torch_export", "--trt-plugin"],
+            ValueError,
+            "--trt-plugin applies to --format onnx",
+        ),
+        (
+            ["--config-file", SMOKE, "--output", "x", "--trt-plugin", "--verify"],
+            ValueError,
+            "cannot run the TensorRT plugin",
+        ),
+        (
+            [
+                "--config-file",
+                SMOKE,
+                "--output",
+                "x",
+                "--format",
+                "torch_export",
+                "--sample-image",
+                "no_such.jpg",
+                "MODEL.DEVICE",
+                "cpu",
+            ],
+            FileNotFoundError,
+            "--sample-image: no such file",
+        ),
     ],
 )
 def test_bad_arguments_are_named(argv, error, match):

@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime on the CPU agrees with eager PyTorch for the tiny paper variants on two image sizes;
 the op's two ONNX forms (GridSample, TensorRT's plugin node) are checked on the op alone."""
+
 import pytest
 import torch
 from export_cases import SIZES, random_image
@@ -42,11 +43,14 @@ def _op_inputs(levels=LEVELS, num_queries=5, seed=0):
 def _export_op(path, attention):
     """The op alone with dynamic S and Lq, in the given ONNX form."""
     S, Lq = torch.export.Dim("S", min=4), torch.export.Dim("Lq", min=2)
-    program = torch.export.export(
-        _Op(), _op_inputs(), dynamic_shapes=({1: S}, None, None, {1: Lq}, {1: Lq})
-    )
-    torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,
-                      custom_translation_table=attention_translation(attention)).save(str(path))
+    program = torch.export.export(_Op(), _op_inputs(), dynamic_shapes=({1: S}, None, None, {1: Lq}, {1: Lq}))
+    torch.onnx.export(
+        program,
+        dynamo=True,
+        opset_version=OPSET,
+        optimize=False,
+        custom_translation_table=attention_translation(attention),
+    ).save(str(path))
     return onnx.load(str(path))
 
 
@@ -91,18 +95,21 @@ def test_tensorrt_plugin_form(tmp_path):
     assert all(producers[name].op_type == "Cast" for name in node.input[1:3])
 
 
+# the sparse variant's onnxruntime parity is checked through the tool, which exports and verifies it
+# (test_export_tool.py): each translation to ONNX takes a while
+@pytest.mark.parametrize("exported", ["bbr_two_stage"], indirect=True)
 def test_onnxruntime_matches_eager(exported, tmp_path):
-    variant, model, program = exported
-    if variant == "sparse":
-        pytest.skip("checked through the tool, which exports and verifies it: test_export_tool.py")
+    _, model, program = exported
     path = tmp_path / "model.onnx"
     # without the graph optimizer (minutes on a small CPU; it changes only speed): the tool runs it by default,
     # and the recorded R50 parity was measured on its output
     to_onnx(program, attention="grid_sample", optimize=False).save(str(path))
     graph = onnx.load(str(path)).graph
     T = model.transformer
-    assert sum(n.op_type == "GridSample" for n in graph.node) == (
-        T.encoder.num_layers + T.decoder.num_layers) * T.num_feature_levels
+    assert (
+        sum(n.op_type == "GridSample" for n in graph.node)
+        == (T.encoder.num_layers + T.decoder.num_layers) * T.num_feature_levels
+    )
     assert [i.name for i in graph.input] == ["image"]
     assert [o.name for o in graph.output] == ["boxes", "scores", "classes"]
     run = onnxruntime_runner(str(path), threads=1)

@@ -1,5 +1,6 @@
 """torch.export of the tiny paper variants: the ExportedProgram keeps the compiled op, takes any image size and
 computes what the eager model computes."""
+
 import pytest
 import torch
 from export_cases import SIZES, random_image
@@ -32,11 +33,10 @@ def test_exported_program_matches_eager(exported, size):
     assert parity.within_tolerance and parity.max_score_diff < 1e-6, parity
 
 
+@pytest.mark.parametrize("exported", ["sparse"], indirect=True)
 def test_kept_token_count_follows_the_image_size(exported):
     """Sparse DETR's K = int(rho * tokens) + 1 is computed in the graph from the image, at TEST_RHO."""
-    variant, model, program = exported
-    if variant != "sparse":
-        pytest.skip("dense encoder")
+    _, model, program = exported
     counts = []
     interpreter = torch.fx.Interpreter(program.module())
     original = interpreter.run_node

@@ -7,7 +7,7 @@ from sparse_detr.layers.mlp import MLP
 
 def test_mlp_layers_and_relu_placement():
     mlp = MLP(4, 8, 2, num_layers=3)
-    assert [(l.in_features, l.out_features) for l in mlp.layers] == [(4, 8), (8, 8), (8, 2)]
+    assert [(lin.in_features, lin.out_features) for lin in mlp.layers] == [(4, 8), (8, 8), (8, 2)]
     with torch.no_grad():
         for layer in mlp.layers:
             layer.weight.fill_(0)

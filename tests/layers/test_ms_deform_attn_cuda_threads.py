@@ -3,10 +3,9 @@
 `torch.ops.sparse_detr_cuda_harness` runs the host side of the CUDA ops and then every thread of the launch the
 GPU would get, one after another (csrc/cuda/ms_deform_attn_harness.cpp): what a GPU runs, except the launch.
 """
+
 import pytest
 import torch
-
-from sparse_detr.layers import ms_deform_attn_pytorch
 from test_ms_deform_attn_op import (
     LOW_PRECISION_TOLERANCES,
     SHAPE_CASES,
@@ -15,6 +14,8 @@ from test_ms_deform_attn_op import (
     requires_cuda,
     requires_op,
 )
+
+from sparse_detr.layers import ms_deform_attn_pytorch
 
 pytestmark = requires_op
 
@@ -54,8 +55,9 @@ def test_forward_and_backward_match_reference(case: str, dtype: torch.dtype, tol
 @pytest.mark.parametrize("dtype,tol", [t for t in LOW_PRECISION_TOLERANCES if t[0] != torch.float32])
 def test_low_precision_matches_float64(case: str, dtype: torch.dtype, tol: float):
     """float16 and bfloat16 loads and stores with float32 accumulation, as on the GPU."""
-    assert_low_precision_close(HARNESS.ms_deform_attn, HARNESS.ms_deform_attn_backward, "cpu", dtype, tol,
-                               **SHAPE_CASES[case])
+    assert_low_precision_close(
+        HARNESS.ms_deform_attn, HARNESS.ms_deform_attn_backward, "cpu", dtype, tol, **SHAPE_CASES[case]
+    )
 
 
 @pytest.mark.parametrize("head_dim", [1, 2, 3, 16, 32, 33, 64])
@@ -64,10 +66,13 @@ def test_every_backward_group_size(head_dim: int):
     over the channels when D > 32. Each group size against the CPU kernel in float64."""
     inputs = make_inputs([(5, 7), (2, 3)], batch=2, num_queries=9, num_heads=3, head_dim=head_dim, num_points=2)
     grad_out = _grad_output(inputs, torch.float64)
-    torch.testing.assert_close(HARNESS.ms_deform_attn(*inputs), torch.ops.sparse_detr.ms_deform_attn(*inputs),
-                               rtol=1e-12, atol=1e-12)
-    for ours, cpu in zip(HARNESS.ms_deform_attn_backward(grad_out, *inputs),
-                         torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs)):
+    torch.testing.assert_close(
+        HARNESS.ms_deform_attn(*inputs), torch.ops.sparse_detr.ms_deform_attn(*inputs), rtol=1e-12, atol=1e-12
+    )
+    for ours, cpu in zip(
+        HARNESS.ms_deform_attn_backward(grad_out, *inputs),
+        torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs),
+    ):
         torch.testing.assert_close(ours, cpu, rtol=1e-10, atol=1e-10)
 
 
@@ -98,8 +103,10 @@ def test_cuda_kernels_match_harness(dtype: torch.dtype):
     grad_out = _grad_output(inputs, dtype)
     host = [HARNESS.ms_deform_attn(*inputs), *HARNESS.ms_deform_attn_backward(grad_out, *inputs)]
     on_gpu = [t.cuda() for t in inputs]
-    gpu = [torch.ops.sparse_detr.ms_deform_attn(*on_gpu),
-           *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out.cuda(), *on_gpu)]
+    gpu = [
+        torch.ops.sparse_detr.ms_deform_attn(*on_gpu),
+        *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out.cuda(), *on_gpu),
+    ]
     # float64/float32: the order of the sums; float16/bfloat16: a few units in the last place of the stores. A
     # launch that misses or repeats threads, or a group sum over the wrong lanes, is off by the values themselves.
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 4 * torch.finfo(dtype).eps)

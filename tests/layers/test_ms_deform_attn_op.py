@@ -1,6 +1,6 @@
 """The compiled multi-scale deformable attention op against its grid_sample reference, on CPU (CUDA where present)."""
+
 import importlib.util
-import re
 import sys
 import warnings
 from types import ModuleType
@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import sparse_detr
-from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_pytorch
-from sparse_detr.layers import ms_deform_attn_op
+from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_op, ms_deform_attn_pytorch
 
 requires_op = pytest.mark.skipif(not ms_deform_attn_available(), reason="sparse_detr._C is not built")
 requires_cuda = pytest.mark.skipif(
@@ -72,8 +71,9 @@ def test_forward_matches_reference(case: str, dtype: torch.dtype, tol: float):
 @requires_op
 def test_backward_matches_reference_autograd():
     inputs = make_inputs(**SHAPE_CASES["four_levels"])
-    grad_out = torch.randn(inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
-                           dtype=torch.float64)
+    grad_out = torch.randn(
+        inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3], dtype=torch.float64
+    )
     grads = []
     for fn in (ms_deform_attn, ms_deform_attn_pytorch):
         leaves = [t.clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
@@ -91,8 +91,11 @@ def test_gradcheck(case: str, device: str):
     value, shapes, starts, loc, weights = [t.to(device) for t in make_inputs(**kwargs)]
     leaves = [t.requires_grad_() for t in (value, loc, weights)]
     # CUDA's atomic adds sum the value gradient in a varying order: two backward passes differ in the last bits.
-    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn(v, shapes, starts, l, w), leaves,
-                                    nondet_tol=1e-12 if device == "cuda" else 0.0)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w),
+        leaves,
+        nondet_tol=1e-12 if device == "cuda" else 0.0,
+    )
 
 
 @requires_op
@@ -154,8 +157,9 @@ def _bad(**changes) -> Inputs:
     """Valid inputs (N=2, S=26 over levels 4x5 and 2x3, M=2, D=4, Lq=3, L=2, P=3) with `changes` applied, each a
     function of the argument it replaces."""
     value, shapes, starts, loc, weights = make_inputs([(4, 5), (2, 3)], batch=2, num_queries=3)
-    args = dict(value=value, spatial_shapes=shapes, level_start_index=starts, sampling_locations=loc,
-                attention_weights=weights)
+    args = dict(
+        value=value, spatial_shapes=shapes, level_start_index=starts, sampling_locations=loc, attention_weights=weights
+    )
     for name, fn in changes.items():
         args[name] = fn(args[name])
     return tuple(args.values())
@@ -177,96 +181,191 @@ _WRAPS = 2**62 + 5
 # rules break and the earlier one must be reported. name: (changes, exception, the exact message).
 BAD_INPUTS = {
     # 1. Ranks.
-    "value_rank": (dict(value=lambda t: t[0]), ValueError,
-                   "value must be [N, S, M, D] (4 dims), got shape [26, 2, 4]"),
-    "shapes_rank": (dict(spatial_shapes=torch.flatten), ValueError,
-                    "spatial_shapes must be [L, 2] (2 dims), got shape [4]"),
-    "starts_rank": (dict(level_start_index=lambda t: t[None]), ValueError,
-                    "level_start_index must be [L] (1 dims), got shape [1, 2]"),
-    "loc_rank": (dict(sampling_locations=lambda t: t[..., 0]), ValueError,
-                 "sampling_locations must be [N, Lq, M, L, P, 2] (6 dims), got shape [2, 3, 2, 2, 3]"),
-    "weights_rank": (dict(attention_weights=lambda t: t[..., None]), ValueError,
-                     "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [2, 3, 2, 2, 3, 1]"),
-    "rank_before_dtype": (dict(value=lambda t: t.float(), attention_weights=lambda t: t[0]), ValueError,
-                          "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [3, 2, 2, 3]"),
+    "value_rank": (dict(value=lambda t: t[0]), ValueError, "value must be [N, S, M, D] (4 dims), got shape [26, 2, 4]"),
+    "shapes_rank": (
+        dict(spatial_shapes=torch.flatten),
+        ValueError,
+        "spatial_shapes must be [L, 2] (2 dims), got shape [4]",
+    ),
+    "starts_rank": (
+        dict(level_start_index=lambda t: t[None]),
+        ValueError,
+        "level_start_index must be [L] (1 dims), got shape [1, 2]",
+    ),
+    "loc_rank": (
+        dict(sampling_locations=lambda t: t[..., 0]),
+        ValueError,
+        "sampling_locations must be [N, Lq, M, L, P, 2] (6 dims), got shape [2, 3, 2, 2, 3]",
+    ),
+    "weights_rank": (
+        dict(attention_weights=lambda t: t[..., None]),
+        ValueError,
+        "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [2, 3, 2, 2, 3, 1]",
+    ),
+    "rank_before_dtype": (
+        dict(value=lambda t: t.float(), attention_weights=lambda t: t[0]),
+        ValueError,
+        "attention_weights must be [N, Lq, M, L, P] (5 dims), got shape [3, 2, 2, 3]",
+    ),
     # 2. Dtypes.
     "value_int": (dict(value=lambda t: t.long()), TypeError, "value must be floating point, got torch.int64"),
-    "loc_dtype": (dict(sampling_locations=lambda t: t.float()), TypeError,
-                  "sampling_locations has dtype torch.float32 but value has torch.float64"),
-    "weights_dtype": (dict(attention_weights=lambda t: t.half()), TypeError,
-                      "attention_weights has dtype torch.float16 but value has torch.float64"),
-    "shapes_int32": (dict(spatial_shapes=lambda t: t.int()), TypeError,
-                     "spatial_shapes must be torch.int64, got torch.int32"),
-    "starts_float": (dict(level_start_index=lambda t: t.double()), TypeError,
-                     "level_start_index must be torch.int64, got torch.float64"),
-    "dtype_before_device": (dict(sampling_locations=_to_meta, attention_weights=lambda t: t.float()), TypeError,
-                            "attention_weights has dtype torch.float32 but value has torch.float64"),
+    "loc_dtype": (
+        dict(sampling_locations=lambda t: t.float()),
+        TypeError,
+        "sampling_locations has dtype torch.float32 but value has torch.float64",
+    ),
+    "weights_dtype": (
+        dict(attention_weights=lambda t: t.half()),
+        TypeError,
+        "attention_weights has dtype torch.float16 but value has torch.float64",
+    ),
+    "shapes_int32": (
+        dict(spatial_shapes=lambda t: t.int()),
+        TypeError,
+        "spatial_shapes must be torch.int64, got torch.int32",
+    ),
+    "starts_float": (
+        dict(level_start_index=lambda t: t.double()),
+        TypeError,
+        "level_start_index must be torch.int64, got torch.float64",
+    ),
+    "dtype_before_device": (
+        dict(sampling_locations=_to_meta, attention_weights=lambda t: t.float()),
+        TypeError,
+        "attention_weights has dtype torch.float32 but value has torch.float64",
+    ),
     # 3. Devices.
     "value_device": (dict(value=_to_meta), ValueError, "spatial_shapes is on cpu but value is on meta"),
     "shapes_device": (dict(spatial_shapes=_to_meta), ValueError, "spatial_shapes is on meta but value is on cpu"),
-    "starts_device": (dict(level_start_index=_to_meta), ValueError,
-                      "level_start_index is on meta but value is on cpu"),
+    "starts_device": (dict(level_start_index=_to_meta), ValueError, "level_start_index is on meta but value is on cpu"),
     "loc_device": (dict(sampling_locations=_to_meta), ValueError, "sampling_locations is on meta but value is on cpu"),
-    "weights_device": (dict(attention_weights=_to_meta), ValueError,
-                       "attention_weights is on meta but value is on cpu"),
-    "device_before_size": (dict(attention_weights=_to_meta, sampling_locations=lambda t: t[:1]), ValueError,
-                           "attention_weights is on meta but value is on cpu"),
+    "weights_device": (
+        dict(attention_weights=_to_meta),
+        ValueError,
+        "attention_weights is on meta but value is on cpu",
+    ),
+    "device_before_size": (
+        dict(attention_weights=_to_meta, sampling_locations=lambda t: t[:1]),
+        ValueError,
+        "attention_weights is on meta but value is on cpu",
+    ),
     # 4. Sizes.
-    "shapes_width": (dict(spatial_shapes=lambda t: torch.cat([t, t[:, :1]], 1)), ValueError,
-                     "spatial_shapes must have 2 entries per level (H, W) in dim 1, got shape [2, 3]"),
-    "levels_vs_shapes": (dict(spatial_shapes=lambda t: t[:1]), ValueError,
-                         "level_start_index must have 1 levels (L of spatial_shapes) in dim 0, got shape [2]"),
-    "loc_batch": (dict(sampling_locations=lambda t: t[:1]), ValueError,
-                  "sampling_locations must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3, 2]"),
-    "loc_heads": (dict(sampling_locations=lambda t: t[:, :, :1]), ValueError,
-                  "sampling_locations must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3, 2]"),
-    "loc_levels": (dict(sampling_locations=lambda t: t[:, :, :, :1]), ValueError,
-                   "sampling_locations must have 2 levels (L of spatial_shapes) in dim 3, "
-                   "got shape [2, 3, 2, 1, 3, 2]"),
-    "loc_xy": (dict(sampling_locations=lambda t: t[..., :1]), ValueError,
-               "sampling_locations must have 2 coordinates (x, y) in dim 5, got shape [2, 3, 2, 2, 3, 1]"),
-    "weights_batch": (dict(attention_weights=lambda t: t[:1]), ValueError,
-                      "attention_weights must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3]"),
-    "weights_queries": (dict(attention_weights=lambda t: t[:, :2]), ValueError,
-                        "attention_weights must have 3 queries (Lq of sampling_locations) in dim 1, "
-                        "got shape [2, 2, 2, 2, 3]"),
-    "weights_heads": (dict(attention_weights=lambda t: t[:, :, :1]), ValueError,
-                      "attention_weights must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3]"),
-    "weights_levels": (dict(attention_weights=lambda t: t[:, :, :, :1]), ValueError,
-                       "attention_weights must have 2 levels (L of spatial_shapes) in dim 3, "
-                       "got shape [2, 3, 2, 1, 3]"),
-    "weights_points": (dict(attention_weights=lambda t: t[..., :2]), ValueError,
-                       "attention_weights must have 3 points (P of sampling_locations) in dim 4, "
-                       "got shape [2, 3, 2, 2, 2]"),
-    "size_before_levels": (dict(spatial_shapes=_const([[0, 5], [2, 3]]), attention_weights=lambda t: t[..., :2]),
-                           ValueError, "attention_weights must have 3 points (P of sampling_locations) in dim 4, "
-                           "got shape [2, 3, 2, 2, 2]"),
+    "shapes_width": (
+        dict(spatial_shapes=lambda t: torch.cat([t, t[:, :1]], 1)),
+        ValueError,
+        "spatial_shapes must have 2 entries per level (H, W) in dim 1, got shape [2, 3]",
+    ),
+    "levels_vs_shapes": (
+        dict(spatial_shapes=lambda t: t[:1]),
+        ValueError,
+        "level_start_index must have 1 levels (L of spatial_shapes) in dim 0, got shape [2]",
+    ),
+    "loc_batch": (
+        dict(sampling_locations=lambda t: t[:1]),
+        ValueError,
+        "sampling_locations must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3, 2]",
+    ),
+    "loc_heads": (
+        dict(sampling_locations=lambda t: t[:, :, :1]),
+        ValueError,
+        "sampling_locations must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3, 2]",
+    ),
+    "loc_levels": (
+        dict(sampling_locations=lambda t: t[:, :, :, :1]),
+        ValueError,
+        "sampling_locations must have 2 levels (L of spatial_shapes) in dim 3, got shape [2, 3, 2, 1, 3, 2]",
+    ),
+    "loc_xy": (
+        dict(sampling_locations=lambda t: t[..., :1]),
+        ValueError,
+        "sampling_locations must have 2 coordinates (x, y) in dim 5, got shape [2, 3, 2, 2, 3, 1]",
+    ),
+    "weights_batch": (
+        dict(attention_weights=lambda t: t[:1]),
+        ValueError,
+        "attention_weights must have 2 batch entries (N of value) in dim 0, got shape [1, 3, 2, 2, 3]",
+    ),
+    "weights_queries": (
+        dict(attention_weights=lambda t: t[:, :2]),
+        ValueError,
+        "attention_weights must have 3 queries (Lq of sampling_locations) in dim 1, got shape [2, 2, 2, 2, 3]",
+    ),
+    "weights_heads": (
+        dict(attention_weights=lambda t: t[:, :, :1]),
+        ValueError,
+        "attention_weights must have 2 heads (M of value) in dim 2, got shape [2, 3, 1, 2, 3]",
+    ),
+    "weights_levels": (
+        dict(attention_weights=lambda t: t[:, :, :, :1]),
+        ValueError,
+        "attention_weights must have 2 levels (L of spatial_shapes) in dim 3, got shape [2, 3, 2, 1, 3]",
+    ),
+    "weights_points": (
+        dict(attention_weights=lambda t: t[..., :2]),
+        ValueError,
+        "attention_weights must have 3 points (P of sampling_locations) in dim 4, got shape [2, 3, 2, 2, 2]",
+    ),
+    "size_before_levels": (
+        dict(spatial_shapes=_const([[0, 5], [2, 3]]), attention_weights=lambda t: t[..., :2]),
+        ValueError,
+        "attention_weights must have 3 points (P of sampling_locations) in dim 4, got shape [2, 3, 2, 2, 2]",
+    ),
     # 5a. Positive levels.
-    "shapes_zero": (dict(spatial_shapes=_const([[0, 5], [2, 3]])), ValueError,
-                    "spatial_shapes[0] must be positive (H, W), got (0, 5)"),
-    "shapes_negative": (dict(spatial_shapes=_const([[4, 5], [2, -3]])), ValueError,
-                        "spatial_shapes[1] must be positive (H, W), got (2, -3)"),
+    "shapes_zero": (
+        dict(spatial_shapes=_const([[0, 5], [2, 3]])),
+        ValueError,
+        "spatial_shapes[0] must be positive (H, W), got (0, 5)",
+    ),
+    "shapes_negative": (
+        dict(spatial_shapes=_const([[4, 5], [2, -3]])),
+        ValueError,
+        "spatial_shapes[1] must be positive (H, W), got (2, -3)",
+    ),
     # 5b. Level starts.
-    "starts_first": (dict(level_start_index=lambda t: t + 1), ValueError,
-                     "level_start_index[0] is 1 but spatial_shapes put level 0 at 0"),
-    "starts_second": (dict(level_start_index=_const([0, 19])), ValueError,
-                      "level_start_index[1] is 19 but spatial_shapes put level 1 at 20"),
+    "starts_first": (
+        dict(level_start_index=lambda t: t + 1),
+        ValueError,
+        "level_start_index[0] is 1 but spatial_shapes put level 0 at 0",
+    ),
+    "starts_second": (
+        dict(level_start_index=_const([0, 19])),
+        ValueError,
+        "level_start_index[1] is 19 but spatial_shapes put level 1 at 20",
+    ),
     # 5c. Each level fits in what is left of value: also where H * W wraps around in int64.
-    "level_too_large": (dict(spatial_shapes=_const([[4, 5], [3, 3]])), ValueError,
-                        "spatial_shapes[1] = (3, 3) does not fit in value: level 1 starts at 20 of S = 26"),
+    "level_too_large": (
+        dict(spatial_shapes=_const([[4, 5], [3, 3]])),
+        ValueError,
+        "spatial_shapes[1] = (3, 3) does not fit in value: level 1 starts at 20 of S = 26",
+    ),
     # 2^32 x 2^32 wraps around to 0: with starts [0, 0] and a second level of all 26 positions, wrapped products
     # would agree with level_start_index and S.
-    "level_wraps_to_zero": (dict(spatial_shapes=_const([[2**32, 2**32], [2, 13]]), level_start_index=_const([0, 0])),
-                            ValueError, "spatial_shapes[0] = (4294967296, 4294967296) does not fit in value: "
-                            "level 0 starts at 0 of S = 26"),
-    "level_wraps_to_fit": (dict(spatial_shapes=_const([[4, _WRAPS], [2, 3]])), ValueError,
-                           f"spatial_shapes[0] = (4, {_WRAPS}) does not fit in value: level 0 starts at 0 of S = 26"),
+    "level_wraps_to_zero": (
+        dict(spatial_shapes=_const([[2**32, 2**32], [2, 13]]), level_start_index=_const([0, 0])),
+        ValueError,
+        "spatial_shapes[0] = (4294967296, 4294967296) does not fit in value: level 0 starts at 0 of S = 26",
+    ),
+    "level_wraps_to_fit": (
+        dict(spatial_shapes=_const([[4, _WRAPS], [2, 3]])),
+        ValueError,
+        f"spatial_shapes[0] = (4, {_WRAPS}) does not fit in value: level 0 starts at 0 of S = 26",
+    ),
     # 5, after the last level: the sum.
-    "shapes_short": (dict(spatial_shapes=_const([[4, 5], [2, 2]])), ValueError,
-                     "spatial_shapes add up to 24 positions but value has S = 26"),
-    "no_levels": (dict(spatial_shapes=lambda t: t[:0], level_start_index=lambda t: t[:0],
-                       sampling_locations=lambda t: t[:, :, :, :0], attention_weights=lambda t: t[:, :, :, :0]),
-                  ValueError, "spatial_shapes add up to 0 positions but value has S = 26"),
+    "shapes_short": (
+        dict(spatial_shapes=_const([[4, 5], [2, 2]])),
+        ValueError,
+        "spatial_shapes add up to 24 positions but value has S = 26",
+    ),
+    "no_levels": (
+        dict(
+            spatial_shapes=lambda t: t[:0],
+            level_start_index=lambda t: t[:0],
+            sampling_locations=lambda t: t[:, :, :, :0],
+            attention_weights=lambda t: t[:, :, :, :0],
+        ),
+        ValueError,
+        "spatial_shapes add up to 0 positions but value has S = 26",
+    ),
 }
 
 
@@ -316,7 +415,9 @@ def test_bad_input_compiled_op(case: str):
     grad_output = torch.zeros(2, 3, 8, dtype=torch.float64)
     assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn, *inputs) == (exc, f"ms_deform_attn: {message}")
     assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn_backward, grad_output, *inputs) == (
-        exc, f"ms_deform_attn: {message}")
+        exc,
+        f"ms_deform_attn: {message}",
+    )
 
 
 @requires_op
@@ -324,22 +425,36 @@ def test_not_a_tensor():
     """Rule 0: Python checks it itself, in C++ the op's schema does (in its own words)."""
     inputs = _bad(attention_weights=Tensor.tolist)
     assert _raised(ms_deform_attn, *inputs) == (
-        TypeError, "ms_deform_attn: attention_weights must be a Tensor, got list")
+        TypeError,
+        "ms_deform_attn: attention_weights must be a Tensor, got list",
+    )
     exc, message = _raised(torch.ops.sparse_detr.ms_deform_attn, *inputs)
     assert exc is RuntimeError and "Expected a value of type 'Tensor' for argument 'attention_weights'" in message
 
 
 @requires_op
-@pytest.mark.parametrize("grad_output,exc,message", [
-    (torch.zeros(2, 3, 5, dtype=torch.float64), ValueError,
-     "grad_output must be [N, Lq, M * D] = [2, 3, 8], got [2, 3, 5]"),
-    (torch.zeros(2, 3, 8), TypeError, "grad_output has dtype torch.float32 but value has torch.float64"),
-    (torch.zeros(2, 3, 8, dtype=torch.float64, device="meta"), ValueError,
-     "grad_output is on meta but value is on cpu"),
-], ids=["shape", "dtype", "device"])
+@pytest.mark.parametrize(
+    "grad_output,exc,message",
+    [
+        (
+            torch.zeros(2, 3, 5, dtype=torch.float64),
+            ValueError,
+            "grad_output must be [N, Lq, M * D] = [2, 3, 8], got [2, 3, 5]",
+        ),
+        (torch.zeros(2, 3, 8), TypeError, "grad_output has dtype torch.float32 but value has torch.float64"),
+        (
+            torch.zeros(2, 3, 8, dtype=torch.float64, device="meta"),
+            ValueError,
+            "grad_output is on meta but value is on cpu",
+        ),
+    ],
+    ids=["shape", "dtype", "device"],
+)
 def test_backward_op_checks_grad_output(grad_output: Tensor, exc: type, message: str):
     assert _raised(_op_on_cpu, torch.ops.sparse_detr.ms_deform_attn_backward, grad_output, *_bad()) == (
-        exc, f"ms_deform_attn_backward: {message}")
+        exc,
+        f"ms_deform_attn_backward: {message}",
+    )
 
 
 @requires_op
@@ -374,8 +489,9 @@ class _TinyDeformAttn(nn.Module):
         shapes_t = torch.tensor(shapes, dtype=torch.int64)
         areas = shapes_t.prod(1)
         self.register_buffer("spatial_shapes", shapes_t, persistent=False)
-        self.register_buffer("level_start_index", torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]),
-                             persistent=False)
+        self.register_buffer(
+            "level_start_index", torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]), persistent=False
+        )
         self.value_proj = nn.Linear(dim, dim)
         self.offsets = nn.Linear(dim, heads * self.levels * points * 2)
         self.weights = nn.Linear(dim, heads * self.levels * points)
@@ -446,13 +562,18 @@ def test_falls_back_to_reference_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("case", sorted(SHAPE_CASES))
 def test_cuda_matches_cpu_kernel_float64(case: str):
     inputs = make_inputs(dtype=torch.float64, **SHAPE_CASES[case])
-    grad_out = torch.randn(inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
-                           dtype=torch.float64)
-    cpu = [torch.ops.sparse_detr.ms_deform_attn(*inputs),
-           *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs)]
+    grad_out = torch.randn(
+        inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3], dtype=torch.float64
+    )
+    cpu = [
+        torch.ops.sparse_detr.ms_deform_attn(*inputs),
+        *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs),
+    ]
     on_gpu = [t.cuda() for t in inputs]
-    gpu = [torch.ops.sparse_detr.ms_deform_attn(*on_gpu),
-           *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out.cuda(), *on_gpu)]
+    gpu = [
+        torch.ops.sparse_detr.ms_deform_attn(*on_gpu),
+        *torch.ops.sparse_detr.ms_deform_attn_backward(grad_out.cuda(), *on_gpu),
+    ]
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-10)
 
@@ -460,8 +581,9 @@ def test_cuda_matches_cpu_kernel_float64(case: str):
 def assert_low_precision_close(forward, backward, device: str, dtype: torch.dtype, tol: float, **case) -> None:
     """`forward` and `backward` (the op's signatures) in `dtype` on `device` against float64 on the same inputs."""
     inputs = make_inputs(dtype=torch.float64, **case)
-    grad_out = torch.randn(inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
-                           dtype=torch.float64)
+    grad_out = torch.randn(
+        inputs[3].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3], dtype=torch.float64
+    )
     # Round the inputs to `dtype` first, so that what is compared is the kernel's arithmetic (float32
     # accumulation), not the rounding of the locations (which can move a point into another pixel).
     inputs = [t.to(dtype).double() if t.is_floating_point() else t for t in inputs]
@@ -483,5 +605,6 @@ LOW_PRECISION_TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch
 @requires_cuda
 @pytest.mark.parametrize("dtype,tol", LOW_PRECISION_TOLERANCES)
 def test_cuda_low_precision_matches_float64(dtype: torch.dtype, tol: float):
-    assert_low_precision_close(ms_deform_attn, torch.ops.sparse_detr.ms_deform_attn_backward, "cuda", dtype, tol,
-                               **SHAPE_CASES["four_levels"])
+    assert_low_precision_close(
+        ms_deform_attn, torch.ops.sparse_detr.ms_deform_attn_backward, "cuda", dtype, tol, **SHAPE_CASES["four_levels"]
+    )

@@ -12,6 +12,7 @@ Everything is read through the model's public interface, so the pins survive any
   (query, class) score with its box, sorted by score;
 - for Sparse DETR, the scoring network's logits and the tokens it keeps (the selected token indices), per level.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -32,8 +33,17 @@ NUM_QUERIES = 10
 # A ResNet-18, 32-channel, 2+2-layer model: MODEL.SPARSE_DETR keys over the base config. Spelled out here, not
 # shared with the test fixtures, because the pinned numbers belong to exactly this configuration.
 TINY_MODEL: Dict[str, Any] = dict(
-    NUM_CLASSES=NUM_CLASSES, HIDDEN_DIM=32, NHEADS=2, ENC_LAYERS=2, DEC_LAYERS=2, DIM_FEEDFORWARD=64, DROPOUT=0.0,
-    NUM_QUERIES=NUM_QUERIES, ENC_N_POINTS=2, DEC_N_POINTS=2, NUM_DETECTIONS=NUM_QUERIES * NUM_CLASSES,
+    NUM_CLASSES=NUM_CLASSES,
+    HIDDEN_DIM=32,
+    NHEADS=2,
+    ENC_LAYERS=2,
+    DEC_LAYERS=2,
+    DIM_FEEDFORWARD=64,
+    DROPOUT=0.0,
+    NUM_QUERIES=NUM_QUERIES,
+    ENC_N_POINTS=2,
+    DEC_N_POINTS=2,
+    NUM_DETECTIONS=NUM_QUERIES * NUM_CLASSES,
 )
 # The four rows the paper compares; the keys are MODEL.SPARSE_DETR switches.
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -41,7 +51,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "deformable_detr_bbr_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
     "efficient_detr": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True),
     "sparse_detr_enc_aux": dict(
-        WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3,
+        WITH_BOX_REFINE=True,
+        TWO_STAGE=True,
+        EFF_QUERY_INIT=True,
+        EFF_SPECIFIC_HEAD=True,
+        RHO=0.3,
         USE_ENC_AUX_LOSS=True,
     ),
 }

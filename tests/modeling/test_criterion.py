@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -11,13 +10,15 @@ from sparse_detr.modeling.structures import Prediction, Target
 
 
 def test_weight_dict_keys_follow_the_reference():
-    w = build_weight_dict(2, 5, 2, 1, num_decoder_layers=3, aux_loss=True, two_stage=True, num_encoder_aux_layers=2,
-                          scoring_network=True)
+    w = build_weight_dict(
+        2, 5, 2, 1, num_decoder_layers=3, aux_loss=True, two_stage=True, num_encoder_aux_layers=2, scoring_network=True
+    )
     assert w["loss_ce"] == 2 and w["loss_bbox_1"] == 5 and w["loss_giou_enc"] == 2 and w["loss_ce_enc_1"] == 2
     assert w["loss_mask_prediction"] == 1
     assert len(w) == 3 * (1 + 2 + 1 + 2) + 1
-    plain = build_weight_dict(2, 5, 2, 1, 3, aux_loss=False, two_stage=False, num_encoder_aux_layers=0,
-                              scoring_network=False)
+    plain = build_weight_dict(
+        2, 5, 2, 1, 3, aux_loss=False, two_stage=False, num_encoder_aux_layers=0, scoring_network=False
+    )
     assert sorted(plain) == ["loss_bbox", "loss_ce", "loss_giou"]
 
 
@@ -91,8 +92,11 @@ def test_non_finite_predictions_are_named_before_matching():
     outputs = LossInputs(pred, decoder_aux=[diverged], proposals=pred)
     targets = [Target(torch.tensor([2]), torch.tensor([[0.5, 0.5, 0.2, 0.3]]))] * 2
     with EventStorage(start_iter=7):
-        with pytest.raises(FloatingPointError, match=r"Non-finite predictions at iteration 7: logits \(loss_ce_0\), "
-                                                     r"boxes \(loss_bbox_0\) hold NaN or infinity"):
+        with pytest.raises(
+            FloatingPointError,
+            match=r"Non-finite predictions at iteration 7: logits \(loss_ce_0\), "
+            r"boxes \(loss_bbox_0\) hold NaN or infinity",
+        ):
             _criterion()(outputs, targets)
     with pytest.raises(FloatingPointError, match="outside a trainer"):
         _criterion()(outputs, targets)

@@ -48,8 +48,10 @@ def test_layers_heads_and_points_are_summed():
     att = torch.rand(2, 3, 5, 2, 2, 4)
     total = attention_map_to_flat_grid(loc, att, SHAPES, START, S)
     parts = sum(
-        attention_map_to_flat_grid(loc[:, l : l + 1, :, h : h + 1], att[:, l : l + 1, :, h : h + 1], SHAPES, START, S)
-        for l in range(3)
+        attention_map_to_flat_grid(
+            loc[:, layer : layer + 1, :, h : h + 1], att[:, layer : layer + 1, :, h : h + 1], SHAPES, START, S
+        )
+        for layer in range(3)
         for h in range(2)
     )
     assert torch.allclose(total, parts, atol=1e-5)

@@ -1,5 +1,6 @@
 """The fast inference path (folded batch norms, channels_last backbone, the transformer's fast path) computes what
 the plain path does, and leaves the model's state and training alone."""
+
 import pickle
 
 import pytest
@@ -13,8 +14,14 @@ from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_batch_no
 VARIANTS = {
     "deformable": {},
     "box_refine_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
-    "sparse": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3,
-                   USE_ENC_AUX_LOSS=True),
+    "sparse": dict(
+        WITH_BOX_REFINE=True,
+        TWO_STAGE=True,
+        EFF_QUERY_INIT=True,
+        EFF_SPECIFIC_HEAD=True,
+        RHO=0.3,
+        USE_ENC_AUX_LOSS=True,
+    ),
 }
 RTOL = 1e-5
 

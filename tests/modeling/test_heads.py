@@ -8,8 +8,18 @@ from sparse_detr.modeling.heads import DetectionHeads, HeadLayout
 def test_layout_names_the_reference_order():
     layout = HeadLayout(num_decoder_layers=6, two_stage=True, num_encoder_aux=5)
     assert len(layout) == 12
-    assert list(layout.decoder) == list(range(6)) and layout.proposal == 6 and list(layout.encoder_aux) == [7, 8, 9, 10, 11]
-    assert [layout.role(i) for i in (0, 5, 6, 7, 11)] == ["decoder", "decoder", "proposal", "encoder_aux", "encoder_aux"]
+    assert (
+        list(layout.decoder) == list(range(6))
+        and layout.proposal == 6
+        and list(layout.encoder_aux) == [7, 8, 9, 10, 11]
+    )
+    assert [layout.role(i) for i in (0, 5, 6, 7, 11)] == [
+        "decoder",
+        "decoder",
+        "proposal",
+        "encoder_aux",
+        "encoder_aux",
+    ]
     with pytest.raises(IndexError, match="outside the 12 heads"):
         layout.role(12)
     dense = HeadLayout(num_decoder_layers=2, two_stage=False, num_encoder_aux=1)

@@ -10,7 +10,7 @@ def test_matches_each_target_to_its_prediction():
     logits = torch.full((1, 3, 4), -5.0)
     logits[0, 0, 1] = logits[0, 1, 3] = logits[0, 2, 0] = 5.0
     targets = [Target(torch.tensor([3, 1]), boxes[0, [1, 0]])]
-    (rows, cols), = HungarianMatcher()(logits, boxes, targets)
+    ((rows, cols),) = HungarianMatcher()(logits, boxes, targets)
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
     assert rows.dtype == torch.int64
 

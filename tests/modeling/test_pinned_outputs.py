@@ -3,11 +3,11 @@
 A refactoring must pass this unchanged. A deliberate change of the numbers regenerates the file with
 `python tests/modeling/pinned_outputs.py`.
 """
+
 import json
 
 import pytest
 import torch
-
 from pinned_outputs import FIXTURE, VARIANTS, compute
 
 # float64 through a few layers: differences from reordered arithmetic or another CPU's kernels stay near 1e-14

@@ -1,4 +1,5 @@
 """The SparseDETR meta-architecture end to end on tiny configs (CPU)."""
+
 import math
 
 import pytest
@@ -91,8 +92,11 @@ def test_pixel_std_with_a_zero_stops_at_the_first_step(tiny_cfg, tiny_inputs):
     cfg.MODEL.PIXEL_STD = [58.395, 0.0, 57.375]
     model = _build(cfg)
     with EventStorage(start_iter=0):
-        with pytest.raises(FloatingPointError, match=r"Non-finite predictions at iteration 0: logits \(loss_ce\), "
-                                                     r"boxes \(loss_bbox\), .*MODEL.PIXEL_STD with a zero"):
+        with pytest.raises(
+            FloatingPointError,
+            match=r"Non-finite predictions at iteration 0: logits \(loss_ce\), "
+            r"boxes \(loss_bbox\), .*MODEL.PIXEL_STD with a zero",
+        ):
             model(tiny_inputs())
 
 
@@ -101,8 +105,11 @@ def test_boxes_given_from_python_must_be_xyxy(tiny_cfg, tiny_inputs):
     inputs = tiny_inputs()
     boxes = inputs[1]["instances"].gt_boxes.tensor
     boxes[0] = torch.tensor([40.0, 10.0, 20.0, 30.0])  # x1 < x0: the loss would go negative
-    with pytest.raises(ValueError, match=r"batched_inputs\[1\]\['instances'\].gt_boxes\[0\] is \[40.0, 10.0, 20.0, "
-                                         r"30.0\]: boxes must be finite XYXY pixels with x1 >= x0 and y1 >= y0"):
+    with pytest.raises(
+        ValueError,
+        match=r"batched_inputs\[1\]\['instances'\].gt_boxes\[0\] is \[40.0, 10.0, 20.0, "
+        r"30.0\]: boxes must be finite XYXY pixels with x1 >= x0 and y1 >= y0",
+    ):
         model(inputs)
     boxes[0] = torch.tensor([10.0, float("nan"), 20.0, 30.0])
     with pytest.raises(ValueError, match=r"gt_boxes\[0\] is \[10.0, nan, 20.0, 30.0\]"):

@@ -61,8 +61,18 @@ def _level_inputs(sizes, canvas=None, seed=0):
 
 def test_dense_transformer_ignores_padding():
     torch.manual_seed(0)
-    t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
-                              dropout=0.0, num_feature_levels=2, enc_n_points=2, dec_n_points=2, num_queries=5)
+    t = DeformableTransformer(
+        d_model=32,
+        nhead=2,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=64,
+        dropout=0.0,
+        num_feature_levels=2,
+        enc_n_points=2,
+        dec_n_points=2,
+        num_queries=5,
+    )
     query_embed = torch.randn(5, 64)
     heads = _heads(2)
     sizes = [(4, 6), (2, 3)]
@@ -75,8 +85,18 @@ def test_dense_transformer_ignores_padding():
 
 def test_two_stage_with_fewer_tokens_than_queries():
     torch.manual_seed(0)
-    t = DeformableTransformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
-                              num_feature_levels=2, two_stage=True, num_queries=100, eff_query_init=True, rho=0.5)
+    t = DeformableTransformer(
+        d_model=32,
+        nhead=2,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=64,
+        num_feature_levels=2,
+        two_stage=True,
+        num_queries=100,
+        eff_query_init=True,
+        rho=0.5,
+    )
     out = t(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True), refine_boxes=True)
     assert out.decoder.hs.shape == (2, 1, 30, 32)
     assert out.selection.indices.shape == (1, 16) and out.selection.num_kept.tolist() == [16]
@@ -84,7 +104,9 @@ def test_two_stage_with_fewer_tokens_than_queries():
     assert out.proposals.logits.shape == (1, 30, 3) and out.proposals.boxes.shape == (1, 30, 4)
     # test_rho applies in eval mode
     t.test_rho = 0.1
-    assert t.eval()(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True)).selection.num_kept.tolist() == [4]
+    assert t.eval()(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True)).selection.num_kept.tolist() == [
+        4
+    ]
 
 
 @pytest.mark.parametrize(
@@ -102,8 +124,7 @@ def test_two_stage_with_fewer_tokens_than_queries():
 )
 def test_bad_arguments_name_the_config_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DeformableTransformer(**{"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                                 **kwargs})
+        DeformableTransformer(**{"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, **kwargs})
 
 
 def test_built_from_a_config_or_from_arguments(tiny_cfg):

@@ -4,6 +4,7 @@ The logic behind the scripts is tested in-process (tests/checkpoint, tests/utils
 subprocess on something tiny, or stops at an argument check of its own. Every start imports torch and detectron2,
 so all of them start at once and the tests read their results.
 """
+
 import os
 import subprocess
 import sys
@@ -33,19 +34,67 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
     return {
         "analyze_model": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter"],
         # a dataset of one's own, registered by the config keys (as train_net.py and demo.py take them)
-        "analyze_model on own data": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "flop", "-n", "2",
-                                      "DATASETS.REGISTER_COCO_INSTANCES", own,
-                                      "DATASETS.TEST", "('command_lines_own',)", "MODEL.SPARSE_DETR.NUM_CLASSES", "3"],
-        "analyze_model --eval-only": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter",
-                                      "--eval-only"],
-        "benchmark": ["benchmark.py", "--configs", SMOKE, "--baseline", SMOKE, "--batch-sizes", "1", "--warmup", "0",
-                      "--iters", "1", "--input-size", "64", "96", "--threads", "1"],
+        "analyze_model on own data": [
+            "analyze_model.py",
+            "--config-file",
+            SMOKE,
+            "--tasks",
+            "flop",
+            "-n",
+            "2",
+            "DATASETS.REGISTER_COCO_INSTANCES",
+            own,
+            "DATASETS.TEST",
+            "('command_lines_own',)",
+            "MODEL.SPARSE_DETR.NUM_CLASSES",
+            "3",
+        ],
+        "analyze_model --eval-only": [
+            "analyze_model.py",
+            "--config-file",
+            SMOKE,
+            "--tasks",
+            "parameter",
+            "--eval-only",
+        ],
+        "benchmark": [
+            "benchmark.py",
+            "--configs",
+            SMOKE,
+            "--baseline",
+            SMOKE,
+            "--batch-sizes",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--input-size",
+            "64",
+            "96",
+            "--threads",
+            "1",
+        ],
         "bench_op --help": ["bench_op.py", "--help"],
         # MODEL.DEVICE cuda: on a machine without a GPU, the device policy's fallback
-        "demo": ["demo.py", "--config-file", SMOKE, "--input", str(image), "--output", str(workdir / "out.png"),
-                 "MODEL.DEVICE", "cuda"],
-        "convert_reference_checkpoint": ["convert_reference_checkpoint.py", "--config-file", SMOKE,
-                                         str(workdir / "missing.pth"), str(workdir / "out.pth")],
+        "demo": [
+            "demo.py",
+            "--config-file",
+            SMOKE,
+            "--input",
+            str(image),
+            "--output",
+            str(workdir / "out.png"),
+            "MODEL.DEVICE",
+            "cuda",
+        ],
+        "convert_reference_checkpoint": [
+            "convert_reference_checkpoint.py",
+            "--config-file",
+            SMOKE,
+            str(workdir / "missing.pth"),
+            str(workdir / "out.pth"),
+        ],
         "convert_scrl to .pth": ["convert_scrl.py", str(workdir / "a.pth"), str(workdir / "b.pth")],
     }
 
@@ -55,8 +104,14 @@ def runs(workdir, own_coco_dataset) -> Dict[str, Tuple[int, str]]:
     """(exit status, stdout and stderr) of each command of :func:`_commands`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {
-        name: subprocess.Popen([sys.executable, str(TOOLS / argv[0]), *argv[1:]], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        name: subprocess.Popen(
+            [sys.executable, str(TOOLS / argv[0]), *argv[1:]],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for name, argv in _commands(workdir, own_coco_dataset).items()
     }
     outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}

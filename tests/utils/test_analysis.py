@@ -1,5 +1,6 @@
 """Parameter and FLOP accounting (sparse_detr.utils.analysis) and the reports of analyze_model.py built on it
 (sparse_detr.utils.analysis_tables)."""
+
 import logging
 from pathlib import Path
 
@@ -26,8 +27,16 @@ from sparse_detr.utils.flop_count import MS_DEFORM_ATTN_OP, FlopCountAnalysis
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, 2 encoder / 1 decoder layers, encoder aux heads), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
-DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
-         "MODEL.SPARSE_DETR.EFF_QUERY_INIT", "False", "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD", "False"]
+DENSE = [
+    "MODEL.SPARSE_DETR.RHO",
+    "0.0",
+    "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS",
+    "False",
+    "MODEL.SPARSE_DETR.EFF_QUERY_INIT",
+    "False",
+    "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD",
+    "False",
+]
 H, W = 64, 96
 
 
@@ -135,8 +144,10 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize(
     "config, trainable, without_aux",
-    [("configs/r50/sparse_detr_rho_0.1.yaml", 41_714_805, 40_934_810),
-     ("configs/swin_t/sparse_detr_rho_0.1.yaml", 42_176_153, 41_396_158)],
+    [
+        ("configs/r50/sparse_detr_rho_0.1.yaml", 41_714_805, 40_934_810),
+        ("configs/swin_t/sparse_detr_rho_0.1.yaml", 42_176_153, 41_396_158),
+    ],
 )
 def test_parameter_counts_of_the_paper_rows(config, trainable, without_aux):
     # the reference's counts with 91 classes; the paper's 40.9M / 41.4M leave out the encoder aux heads

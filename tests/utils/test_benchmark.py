@@ -1,4 +1,5 @@
 """Throughput of several configs in one run (sparse_detr.utils.benchmark, behind projects/SparseDETR/benchmark.py)."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """Pictures of detections, saliency and kept tokens (sparse_detr.utils.demo, behind projects/SparseDETR/demo.py)."""
+
 from pathlib import Path
 
 import cv2
@@ -11,8 +12,16 @@ from sparse_detr.utils.demo import Demo, expand_inputs, run_demo, run_images, ru
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
-DENSE = ["MODEL.SPARSE_DETR.RHO", "0.0", "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False",
-         "MODEL.SPARSE_DETR.EFF_QUERY_INIT", "False", "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD", "False"]
+DENSE = [
+    "MODEL.SPARSE_DETR.RHO",
+    "0.0",
+    "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS",
+    "False",
+    "MODEL.SPARSE_DETR.EFF_QUERY_INIT",
+    "False",
+    "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD",
+    "False",
+]
 H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at the input size
 
 

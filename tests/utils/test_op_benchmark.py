@@ -1,5 +1,6 @@
 """The inputs and the table of the deformable attention benchmark (sparse_detr.utils.op_benchmark); a whole run
 spawns subprocesses at the paper's size and is left to projects/SparseDETR/bench_op.py."""
+
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-from . import builtin as _builtin  # registers the synthetic splits
+from . import builtin  # noqa: F401  (imported to register the synthetic splits)
 from .coco_format import register_coco_instances_from_config
 from .synthetic_shapes import (
     SHAPE_CLASSES,
@@ -7,3 +7,12 @@ from .synthetic_shapes import (
     register_synthetic_shapes,
     render_synthetic_image,
 )
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "SyntheticShapesSpec",
+    "ensure_synthetic_shapes",
+    "register_coco_instances_from_config",
+    "register_synthetic_shapes",
+    "render_synthetic_image",
+]

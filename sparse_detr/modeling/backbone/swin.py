@@ -7,6 +7,7 @@ zero-pads each map to whole windows *before* the cyclic shift and builds the shi
 shifts first and pads afterwards. Following the detection variant keeps released Sparse DETR Swin-T checkpoints
 numerically exact on every image size.
 """
+
 import logging
 from typing import Dict, List, Mapping
 
@@ -126,7 +127,7 @@ class TimmSwinBackbone(Backbone):
 
     @staticmethod
     def _norm_name(stage: str) -> str:
-        return f"norm{int(stage[len('stage'):]) - 1}"
+        return f"norm{int(stage[len('stage') :]) - 1}"
 
     def _freeze(self, frozen_stages: int) -> None:
         frozen: List[nn.Module] = []

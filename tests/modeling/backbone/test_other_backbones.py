@@ -1,5 +1,6 @@
 """SparseDETR on backbones other than the default ResNet: anything in BACKBONE_REGISTRY whose output_shape() has
 the maps named in MODEL.SPARSE_DETR.IN_FEATURES works by config (tiny transformer, small odd-sized images)."""
+
 import pytest
 import torch
 from detectron2.modeling import build_model
