@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import tqdm
 from detectron2.config import CfgNode
-from detectron2.data import Metadata, MetadataCatalog
+from detectron2.data import Metadata
 from detectron2.data.detection_utils import read_image
 
+from ..data.datasets import dataset_metadata
 from ..engine.predictor import SaliencyPredictor
 from .visualizer import render_saliency_figure
 
@@ -30,7 +31,7 @@ class Demo:
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"--confidence-threshold must be in [0, 1], got {confidence_threshold}")
         self.predictor = SaliencyPredictor(cfg)
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
+        self.metadata = dataset_metadata(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
         self.threshold = confidence_threshold
 
     def __call__(self, image_bgr: np.ndarray) -> Tuple[Dict, np.ndarray]:

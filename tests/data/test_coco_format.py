@@ -8,6 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from sparse_detr import setup_cfg
 from sparse_detr.data.build import load_dataset_dicts
+from sparse_detr.data.datasets import dataset_metadata
 
 SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 
@@ -36,6 +37,26 @@ def test_registered_by_setup_cfg_with_their_categories(own_coco_dataset, tmp_pat
     assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 9: 2}
     assert {a["category_id"] for d in dicts for a in d["annotations"]} <= {0, 1, 2}
     setup_cfg(SMOKE, ["DATASETS.REGISTER_COCO_INSTANCES", entry])  # a second tool in the process: nothing new
+
+
+def test_class_names_without_loading_the_dataset(own_coco_dataset, tmp_path, cleanup):
+    """The demo draws class names of a dataset it never loads."""
+    json_file, image_root = own_coco_dataset(tmp_path / "mine")
+    cleanup.append("own_names")
+    setup_cfg(SMOKE, ["DATASETS.REGISTER_COCO_INSTANCES", f"[('own_names', '{json_file}', '{image_root}')]"])
+    assert not hasattr(MetadataCatalog.get("own_names"), "thing_classes")  # detectron2 sets them on loading
+    assert dataset_metadata("own_names").thing_classes == ["red", "green", "blue"]  # ids 3, 7, 9
+    # loading afterwards sets the same names: no conflict
+    assert len(load_dataset_dicts(["own_names"], num_classes=3)) == 4
+
+
+def test_unreadable_categories_name_the_file(tmp_path, cleanup):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    cleanup.append("own_bad")
+    setup_cfg(SMOKE, ["DATASETS.REGISTER_COCO_INSTANCES", f"[('own_bad', '{bad}', '{tmp_path}')]"])
+    with pytest.raises(ValueError, match=r"dataset 'own_bad': cannot read the category names from .*bad.json"):
+        dataset_metadata("own_bad")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 from . import builtin  # noqa: F401  (imported to register the synthetic splits)
-from .coco_format import register_coco_instances_from_config
+from .coco_format import dataset_metadata, register_coco_instances_from_config
 from .synthetic_shapes import (
     SHAPE_CLASSES,
     SyntheticShapesSpec,
@@ -11,6 +11,7 @@ from .synthetic_shapes import (
 __all__ = [
     "SHAPE_CLASSES",
     "SyntheticShapesSpec",
+    "dataset_metadata",
     "ensure_synthetic_shapes",
     "register_coco_instances_from_config",
     "register_synthetic_shapes",

@@ -1,12 +1,13 @@
 """COCO-format datasets of your own, registered from the config (``DATASETS.REGISTER_COCO_INSTANCES``)."""
+import json
 import os
 from typing import List
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["register_coco_instances_from_config"]
+__all__ = ["dataset_metadata", "register_coco_instances_from_config"]
 
 _KEY = "DATASETS.REGISTER_COCO_INSTANCES"
 
@@ -43,3 +44,25 @@ def register_coco_instances_from_config(cfg: CfgNode) -> List[str]:
             register_coco_instances(name, {}, json_file, image_root)
         names.append(name)
     return names
+
+
+def dataset_metadata(name: str) -> Metadata:
+    """The metadata of a registered dataset, with ``thing_classes`` even before the dataset is loaded.
+
+    detectron2's COCO-format datasets learn their class names only when their json is loaded for the annotations;
+    a tool that draws predictions without loading the dataset (the demo) would show class numbers. For such a
+    dataset the names are read from the json's categories, ordered by id as detectron2 numbers them.
+    """
+    meta = MetadataCatalog.get(name)
+    json_file = getattr(meta, "json_file", None)
+    if json_file and not hasattr(meta, "thing_classes"):
+        try:
+            with open(json_file) as f:
+                categories = json.load(f)["categories"]
+            names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"dataset '{name}': cannot read the category names from {json_file}: {type(e).__name__}: {e}"
+            ) from e
+        meta.thing_classes = names
+    return meta
