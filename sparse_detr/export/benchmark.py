@@ -9,10 +9,17 @@ Paths (every one runs the whole inference of one image: normalization, backbone,
 - ``torch.export``: the ExportedProgram's module (:func:`export_program`);
 - ``onnxruntime``: the ONNX export (GridSample attention, graph optimizer on) in an onnxruntime CPU session;
 - ``aoti``: the AOTInductor package of the ExportedProgram (compiling it takes many minutes: not a default).
+
+Peak memory: each path is prepared again in a process of its own, which runs one forward to warm up and measures
+the growth of its peak resident set during a second one (activations and temporaries; not the weights, nor the
+buffers kept from the warm-up such as the fast path's folded backbone copy). In the timing process, memory freed by
+the other paths' runs stays resident and is reused unseen, which would make later paths look free.
 """
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,7 +34,7 @@ from torch import Tensor
 from ..config import setup_cfg
 from ..modeling.meta_arch import SparseDETR
 from ..utils.analysis import random_input
-from ..utils.timing import describe_device, interleaved_times, peak_memory_growth
+from ..utils.timing import describe_device, interleaved_times, peak_memory_growth, return_freed_memory
 from .torch_export import export_program, package_aoti
 from .wrapper import ExportableSparseDETR
 
@@ -94,6 +101,21 @@ def build_paths(
     return {path: fns[path] for path in paths}, prepare
 
 
+_PROBE = "peak bytes of a forward:"
+
+
+def _peak_in_fresh_process(args: argparse.Namespace, path: str) -> Optional[int]:
+    """The peak memory growth of a forward of `path` after a warm-up, in a new process that prepares only it."""
+    argv = [sys.executable, "-m", __name__, "--config-file", args.config_file, "--memory-probe", path]
+    argv += ["--input-size", *map(str, args.input_size), "--threads", str(args.threads), *args.opts]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(_PROBE)]
+    if result.returncode or not lines:
+        raise RuntimeError(f"measuring the memory of path {path} failed:\n{result.stderr[-2000:]}")
+    value = lines[-1][len(_PROBE) :].strip()
+    return None if value == "None" else int(value)
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -102,6 +124,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path")
     parser.add_argument("--iters", type=int, default=5, help="timed runs per path")
     parser.add_argument("--threads", type=int, default=0, help="torch (and onnxruntime) CPU threads; 0: default")
+    parser.add_argument("--memory-probe", choices=PATHS, help=argparse.SUPPRESS)  # the child of a memory measurement
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE pairs")
     return parser
 
@@ -119,13 +142,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if cfg.MODEL.DEVICE != "cpu":
         raise ValueError(f"this benchmark runs on the CPU: add MODEL.DEVICE cpu (got {cfg.MODEL.DEVICE})")
     image = random_input(*args.input_size)["image"]
+    if args.memory_probe:
+        return_freed_memory()
+        with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+            fn = build_paths(cfg, image, [args.memory_probe], workdir)[0][args.memory_probe]
+            fn()
+            print(f"{_PROBE} {peak_memory_growth(fn)}")
+        return {}
 
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         fns, prepare = build_paths(cfg, image, args.paths, workdir)
         load_before = os.getloadavg()[0]
         times = interleaved_times(fns, args.warmup, args.iters)
         load_after = os.getloadavg()[0]
-        peaks = {name: peak_memory_growth(fn) for name, fn in fns.items()}
+    peaks = {name: _peak_in_fresh_process(args, name) for name in args.paths}
 
     base = "eager-plain" if "eager-plain" in fns else args.paths[0]
     medians = {name: float(np.median(t)) for name, t in times.items()}
@@ -160,3 +190,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             for name in args.paths
         },
     }
+
+
+if __name__ == "__main__":
+    main()

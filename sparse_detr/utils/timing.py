@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["describe_device", "interleaved_times", "peak_memory_growth"]
+__all__ = ["describe_device", "interleaved_times", "peak_memory_growth", "return_freed_memory"]
 
 
 def describe_device(device: torch.device) -> str:
@@ -61,20 +61,26 @@ def _status_kib(field: str) -> int:
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+def return_freed_memory() -> None:
+    """Make glibc serve allocations of 64 KiB and more with mmap, so that memory freed afterwards returns to the
+    system instead of staying resident to be reused unseen by a later measurement (no-op without glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except OSError:
+        pass
+
+
 def peak_memory_growth(fn: Callable[[], Any]) -> Optional[int]:
     """Bytes by which the process's peak resident set (VmHWM) grows during one call of `fn`, from the resident set
     just before it: what the call allocates and touches (activations, temporaries, outputs), not what was resident
     already (weights). Linux only (None elsewhere).
 
-    glibc is set to serve allocations of 64 KiB and more with mmap, so that memory freed by earlier calls returns to
-    the system instead of being reused unseen; the peak is reset through /proc/self/clear_refs.
+    Memory that earlier calls freed but the allocator kept is reused unseen: call :func:`return_freed_memory` before
+    them (it is called here too, for what is freed from now on). The peak is reset through /proc/self/clear_refs.
     """
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except OSError:
-        pass
+    return_freed_memory()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set

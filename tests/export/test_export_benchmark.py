@@ -34,7 +34,7 @@ def test_eager_paths_in_one_table(capsys):
     assert list(out["rows"]) == ["eager-plain", "eager-fast"]
     for row in out["rows"].values():
         assert row["seconds"] > 0
-        assert row["peak_bytes"] >= 0  # (tests/utils/test_timing.py checks the measurement itself)
+        assert row["peak_bytes"] > 0  # measured in a process of its own (tests/utils/test_timing.py: the measurement)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert "speed-up vs eager-plain" in table[0] and "peak MiB" in table[0]
     assert len(table) == 2 + 2 and "| 1.00x" in table[2]
