@@ -5,11 +5,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.box_ops import apply_box_delta
+from ..layers.ffn import ffn_modules, post_norm_ffn
 from ..layers.multi_scale_deform_attn import MSDeformAttn, UnprojectedValue
+from .layer_stack import LayerStack
 from .levels import FlatLevels
 
 __all__ = ["DecoderOutput", "DeformableDecoderLayer", "DeformableDecoder"]
@@ -45,15 +46,7 @@ class DeformableDecoderLayer(nn.Module):
         n_levels, n_heads, n_points: see :class:`MSDeformAttn` (n_heads also for the self-attention).
     """
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        d_ffn: int = 1024,
-        dropout: float = 0.1,
-        n_levels: int = 4,
-        n_heads: int = 8,
-        n_points: int = 4,
-    ):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
@@ -62,11 +55,7 @@ class DeformableDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.linear1, self.dropout3, self.linear2, self.dropout4, self.norm3 = ffn_modules(d_model, d_ffn, dropout)
 
     def forward(
         self,
@@ -74,9 +63,7 @@ class DeformableDecoderLayer(nn.Module):
         query_pos: Tensor,
         reference_points: Tensor,
         memory: Union[Tensor, UnprojectedValue],
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        padding_mask: Optional[Tensor],
+        levels: FlatLevels,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -84,7 +71,7 @@ class DeformableDecoderLayer(nn.Module):
             query_pos: [N, Q, C] query position embedding.
             reference_points: [N, Q, L, 2 or 4] in each level's padded frame.
             memory: [N, S, C] encoder output (or as an :class:`UnprojectedValue`, see :class:`MSDeformAttn`).
-            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
+            levels: the layout of the memory's tokens (shapes, start indices, padding mask).
         Returns:
             tgt: [N, Q, C]
             sampling_locations: [N, Q, M, L, P, 2], attention_weights: [N, Q, M, L, P] of the cross-attention.
@@ -94,27 +81,23 @@ class DeformableDecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout2(attn))
 
         attn, sampling_locations, attention_weights = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
+            tgt + query_pos,
+            reference_points,
+            memory,
+            levels.spatial_shapes,
+            levels.level_start_index,
+            levels.padding_mask,
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
 
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        tgt = self.norm3(tgt + self.dropout4(ffn))
+        tgt = post_norm_ffn(tgt, self.linear1, self.dropout3, self.linear2, self.dropout4, self.norm3)
         return tgt, sampling_locations, attention_weights
 
 
-class DeformableDecoder(nn.Module):
-    """A stack of :class:`DeformableDecoderLayer`.
+class DeformableDecoder(LayerStack):
+    """A stack of :class:`DeformableDecoderLayer` (constructor: see :class:`LayerStack`)."""
 
-    Args:
-        num_layers: number of layers.
-        **layer_kwargs: arguments of :class:`DeformableDecoderLayer`.
-    """
-
-    def __init__(self, num_layers: int, **layer_kwargs):
-        super().__init__()
-        self.layers = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers))
-        self.num_layers = num_layers
+    layer_type = DeformableDecoderLayer
 
     def forward(
         self,
@@ -150,15 +133,7 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             references.append(reference_points)
-            output, locations, weights = layer(
-                output,
-                query_pos,
-                ref_input,
-                memory,
-                levels.spatial_shapes,
-                levels.level_start_index,
-                levels.padding_mask,
-            )
+            output, locations, weights = layer(output, query_pos, ref_input, memory, levels)
             hs.append(output)
             sampling_locations.append(locations)
             attention_weights.append(weights)

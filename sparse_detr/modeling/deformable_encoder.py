@@ -8,11 +8,12 @@ back its first `num_kept` updated tokens into the full token map, which the next
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.ffn import ffn_modules, post_norm_ffn
 from ..layers.multi_scale_deform_attn import MSDeformAttn
 from .heads import DetectionHead
+from .layer_stack import LayerStack
 from .levels import FlatLevels
 from .structures import Prediction
 from .token_selection import TokenSelection
@@ -54,34 +55,15 @@ class DeformableEncoderLayer(nn.Module):
         n_levels, n_heads, n_points: see :class:`MSDeformAttn`.
     """
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        d_ffn: int = 1024,
-        dropout: float = 0.1,
-        n_levels: int = 4,
-        n_heads: int = 8,
-        n_points: int = 4,
-    ):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1, self.dropout2, self.linear2, self.dropout3, self.norm2 = ffn_modules(d_model, d_ffn, dropout)
 
     def forward(
-        self,
-        query: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor,
-        value: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        padding_mask: Optional[Tensor],
+        self, query: Tensor, query_pos: Tensor, reference_points: Tensor, value: Tensor, levels: FlatLevels
     ) -> Tensor:
         """
         Args:
@@ -89,30 +71,26 @@ class DeformableEncoderLayer(nn.Module):
             query_pos: [N, Q, C] their position + level embedding.
             reference_points: [N, Q, L, 2]
             value: [N, S, C] all tokens.
-            spatial_shapes, level_start_index, padding_mask: see :class:`MSDeformAttn`.
+            levels: the layout of the value's tokens (shapes, start indices, padding mask).
         Returns:
             [N, Q, C] updated queries.
         """
         attn = self.self_attn(
-            query + query_pos, reference_points, value, spatial_shapes, level_start_index, padding_mask
+            query + query_pos,
+            reference_points,
+            value,
+            levels.spatial_shapes,
+            levels.level_start_index,
+            levels.padding_mask,
         )[0]
         query = self.norm1(query + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
-        return self.norm2(query + self.dropout3(ffn))
+        return post_norm_ffn(query, self.linear1, self.dropout2, self.linear2, self.dropout3, self.norm2)
 
 
-class DeformableEncoder(nn.Module):
-    """A stack of :class:`DeformableEncoderLayer`, dense or sparse.
+class DeformableEncoder(LayerStack):
+    """A stack of :class:`DeformableEncoderLayer`, dense or sparse (constructor: see :class:`LayerStack`)."""
 
-    Args:
-        num_layers: number of layers.
-        **layer_kwargs: arguments of :class:`DeformableEncoderLayer`.
-    """
-
-    def __init__(self, num_layers: int, **layer_kwargs):
-        super().__init__()
-        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
-        self.num_layers = num_layers
+    layer_type = DeformableEncoderLayer
 
     @staticmethod
     def get_reference_points(shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -184,15 +162,7 @@ class DeformableEncoder(nn.Module):
         output = src
         aux_outputs: List[Prediction] = []
         for lid, layer in enumerate(self.layers):
-            query = layer(
-                query,
-                query_pos,
-                reference_points,
-                output,
-                levels.spatial_shapes,
-                levels.level_start_index,
-                levels.padding_mask,
-            )
+            query = layer(query, query_pos, reference_points, output, levels)
             output = query if selection is None else scatter_sparse_tokens(output, query, selection.indices, kept)
             if aux_heads and lid < self.num_layers - 1:
                 head = aux_heads[lid]

@@ -5,24 +5,14 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from paper_variants import PAPER_VARIANTS
 from torch import nn
 
 import sparse_detr  # noqa: F401
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.engine import create_ddp_model
 
-VARIANTS = {
-    "deformable_detr": {},
-    "bbr_two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-    "sparse_detr": {
-        "WITH_BOX_REFINE": True,
-        "TWO_STAGE": True,
-        "EFF_QUERY_INIT": True,
-        "EFF_SPECIFIC_HEAD": True,
-        "RHO": 0.3,
-        "USE_ENC_AUX_LOSS": True,
-    },
-}
+VARIANTS = {k: PAPER_VARIANTS[k] for k in ("deformable_detr", "deformable_detr_bbr_two_stage", "sparse_detr_enc_aux")}
 
 
 def test_single_process_model_is_not_wrapped():

@@ -25,6 +25,9 @@ from detectron2.structures import Boxes, Instances
 
 from sparse_detr import add_sparse_detr_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, when run as a script
+from paper_variants import PAPER_VARIANTS as VARIANTS  # noqa: E402
+
 FIXTURE = Path(__file__).with_name("pinned_outputs.json")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,20 +48,6 @@ TINY_MODEL: Dict[str, Any] = dict(
     DEC_N_POINTS=2,
     NUM_DETECTIONS=NUM_QUERIES * NUM_CLASSES,
 )
-# The four rows the paper compares; the keys are MODEL.SPARSE_DETR switches.
-VARIANTS: Dict[str, Dict[str, Any]] = {
-    "deformable_detr": {},
-    "deformable_detr_bbr_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
-    "efficient_detr": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True),
-    "sparse_detr_enc_aux": dict(
-        WITH_BOX_REFINE=True,
-        TWO_STAGE=True,
-        EFF_QUERY_INIT=True,
-        EFF_SPECIFIC_HEAD=True,
-        RHO=0.3,
-        USE_ENC_AUX_LOSS=True,
-    ),
-}
 
 
 def pinned_cfg(variant: str) -> CfgNode:

@@ -8,21 +8,11 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from paper_variants import PAPER_VARIANTS
 
 from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_batch_norms
 
-VARIANTS = {
-    "deformable": {},
-    "box_refine_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
-    "sparse": dict(
-        WITH_BOX_REFINE=True,
-        TWO_STAGE=True,
-        EFF_QUERY_INIT=True,
-        EFF_SPECIFIC_HEAD=True,
-        RHO=0.3,
-        USE_ENC_AUX_LOSS=True,
-    ),
-}
+VARIANTS = PAPER_VARIANTS
 RTOL = 1e-5
 
 
@@ -90,7 +80,7 @@ def test_fast_path_equals_the_plain_path(variant, tiny_cfg, tiny_inputs):
 
 
 def test_state_dict_parameters_and_training_are_untouched(tiny_cfg, tiny_inputs):
-    model = _model(tiny_cfg, "sparse")
+    model = _model(tiny_cfg, "sparse_detr_enc_aux")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     num_params = len(list(model.parameters()))
     _detections(model, tiny_inputs())
@@ -104,7 +94,7 @@ def test_state_dict_parameters_and_training_are_untouched(tiny_cfg, tiny_inputs)
     # training after inference computes what a model that never ran inference computes
     model.train()
     assert model._inference_backbone is None  # the copy is dropped
-    fresh = _model(tiny_cfg, "sparse").train()
+    fresh = _model(tiny_cfg, "sparse_detr_enc_aux").train()
     with EventStorage():
         losses, expected = model(tiny_inputs()), fresh(tiny_inputs())
     assert all(torch.equal(losses[k], expected[k]) for k in expected)
@@ -112,13 +102,13 @@ def test_state_dict_parameters_and_training_are_untouched(tiny_cfg, tiny_inputs)
 
 def test_the_copy_follows_new_weights(tiny_cfg, tiny_inputs):
     inputs = tiny_inputs()
-    model = _model(tiny_cfg, "box_refine_two_stage")
+    model = _model(tiny_cfg, "deformable_detr_bbr_two_stage")
     _detections(model, inputs)
     first = model.inference_backbone()
     assert model.inference_backbone() is first  # unchanged weights: the same copy
 
     # new backbone weights, as a checkpoint load writes them (in place)
-    other = _model(tiny_cfg, "box_refine_two_stage")
+    other = _model(tiny_cfg, "deformable_detr_bbr_two_stage")
     with torch.no_grad():
         _randomize_frozen_bn(other.backbone, seed=1)
         for p in other.backbone.parameters():
@@ -133,11 +123,11 @@ def test_built_and_loaded_under_inference_mode(tiny_cfg, tiny_inputs):
     """Inference tensors have no version counter: a checkpoint loaded into them still refreshes the copy."""
     inputs = tiny_inputs()
     with torch.inference_mode():
-        model = _model(tiny_cfg, "deformable")
+        model = _model(tiny_cfg, "deformable_detr")
         _detections(model, inputs)
         first = model.inference_backbone()
         assert model.inference_backbone() is first
-        other = _model(tiny_cfg, "deformable")
+        other = _model(tiny_cfg, "deformable_detr")
         _randomize_frozen_bn(other.backbone, seed=2)
         model.load_state_dict(other.state_dict())
         assert model.inference_backbone() is not first

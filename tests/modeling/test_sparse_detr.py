@@ -9,21 +9,21 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
+from paper_variants import BBR_TWO_STAGE, EFFICIENT_DETR, SPARSE_DETR
 from torch import nn
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.modeling import Prediction, SparseDETR
 
-# the paper's variants as MODEL.SPARSE_DETR switches
-SPARSE = dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True, RHO=0.3)
+# the paper's variants and their parts, as MODEL.SPARSE_DETR switches
 VARIANTS = {
     "deformable": {},
     "box_refine": dict(WITH_BOX_REFINE=True),
     "two_stage": dict(TWO_STAGE=True),
-    "box_refine_two_stage": dict(WITH_BOX_REFINE=True, TWO_STAGE=True),
-    "efficient": dict(WITH_BOX_REFINE=True, TWO_STAGE=True, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True),
-    "sparse": dict(SPARSE, USE_ENC_AUX_LOSS=True),
-    "sparse_no_enc_aux": SPARSE,
+    "box_refine_two_stage": BBR_TWO_STAGE,
+    "efficient": EFFICIENT_DETR,
+    "sparse": SPARSE_DETR,
+    "sparse_no_enc_aux": dict(SPARSE_DETR, USE_ENC_AUX_LOSS=False),
     "dense_enc_aux": dict(USE_ENC_AUX_LOSS=True),
 }
 
@@ -232,7 +232,7 @@ def test_encoder_aux_heads_only_run_in_training(tiny_cfg, tiny_inputs):
     [
         (dict(RHO=1.5), "MODEL.SPARSE_DETR.RHO"),
         (dict(RHO=-0.1), "MODEL.SPARSE_DETR.RHO"),
-        (dict(SPARSE, TEST_RHO=1.2), "MODEL.SPARSE_DETR.TEST_RHO"),
+        (dict(SPARSE_DETR, TEST_RHO=1.2), "MODEL.SPARSE_DETR.TEST_RHO"),
         (dict(TEST_RHO=0.3), "MODEL.SPARSE_DETR.TEST_RHO"),
         (dict(RHO=0.1), "MODEL.SPARSE_DETR.TWO_STAGE"),
         (dict(EFF_QUERY_INIT=True), "MODEL.SPARSE_DETR.EFF_QUERY_INIT"),

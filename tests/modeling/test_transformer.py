@@ -40,6 +40,12 @@ def _heads(num_decoder_layers, two_stage=False, d=32, classes=3):
     )
 
 
+def _tiny_transformer(**overrides) -> DeformableTransformer:
+    """32 channels, 2 heads, 2 + 2 layers, 2 levels of 2 points; `overrides` are constructor arguments."""
+    args = dict(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.0)
+    return DeformableTransformer(**{**args, "num_feature_levels": 2, "enc_n_points": 2, "dec_n_points": 2, **overrides})
+
+
 def _level_inputs(sizes, canvas=None, seed=0):
     """Random srcs of an image with per-level sizes, optionally zero-padded into a larger canvas."""
     from sparse_detr.layers.position_encoding import PositionEmbeddingSine
@@ -61,18 +67,7 @@ def _level_inputs(sizes, canvas=None, seed=0):
 
 def test_dense_transformer_ignores_padding():
     torch.manual_seed(0)
-    t = DeformableTransformer(
-        d_model=32,
-        nhead=2,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.0,
-        num_feature_levels=2,
-        enc_n_points=2,
-        dec_n_points=2,
-        num_queries=5,
-    )
+    t = _tiny_transformer(num_queries=5)
     query_embed = torch.randn(5, 64)
     heads = _heads(2)
     sizes = [(4, 6), (2, 3)]
@@ -85,18 +80,7 @@ def test_dense_transformer_ignores_padding():
 
 def test_two_stage_with_fewer_tokens_than_queries():
     torch.manual_seed(0)
-    t = DeformableTransformer(
-        d_model=32,
-        nhead=2,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        num_feature_levels=2,
-        two_stage=True,
-        num_queries=100,
-        eff_query_init=True,
-        rho=0.5,
-    )
+    t = _tiny_transformer(num_encoder_layers=1, two_stage=True, num_queries=100, eff_query_init=True, rho=0.5)
     out = t(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True), refine_boxes=True)
     assert out.decoder.hs.shape == (2, 1, 30, 32)
     assert out.selection.indices.shape == (1, 16) and out.selection.num_kept.tolist() == [16]
@@ -104,9 +88,8 @@ def test_two_stage_with_fewer_tokens_than_queries():
     assert out.proposals.logits.shape == (1, 30, 3) and out.proposals.boxes.shape == (1, 30, 4)
     # test_rho applies in eval mode
     t.test_rho = 0.1
-    assert t.eval()(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True)).selection.num_kept.tolist() == [
-        4
-    ]
+    out = t.eval()(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True))
+    assert out.selection.num_kept.tolist() == [4]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +107,7 @@ def test_two_stage_with_fewer_tokens_than_queries():
 )
 def test_bad_arguments_name_the_config_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DeformableTransformer(**{"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, **kwargs})
+        _tiny_transformer(**kwargs)
 
 
 def test_built_from_a_config_or_from_arguments(tiny_cfg):

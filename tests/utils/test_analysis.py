@@ -10,6 +10,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
+from paper_variants import DENSE_OVERRIDES
 
 from sparse_detr import setup_cfg
 from sparse_detr.layers import ms_deform_attn_available
@@ -27,16 +28,7 @@ from sparse_detr.utils.flop_count import MS_DEFORM_ATTN_OP, FlopCountAnalysis
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, 2 encoder / 1 decoder layers, encoder aux heads), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
-DENSE = [
-    "MODEL.SPARSE_DETR.RHO",
-    "0.0",
-    "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS",
-    "False",
-    "MODEL.SPARSE_DETR.EFF_QUERY_INIT",
-    "False",
-    "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD",
-    "False",
-]
+DENSE = DENSE_OVERRIDES
 H, W = 64, 96
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from paper_variants import DENSE_OVERRIDES
 
 from sparse_detr import setup_cfg
 from sparse_detr.utils.demo import Demo, expand_inputs, run_demo, run_images, run_video
@@ -12,16 +13,7 @@ from sparse_detr.utils.demo import Demo, expand_inputs, run_demo, run_images, ru
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
-DENSE = [
-    "MODEL.SPARSE_DETR.RHO",
-    "0.0",
-    "MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS",
-    "False",
-    "MODEL.SPARSE_DETR.EFF_QUERY_INIT",
-    "False",
-    "MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD",
-    "False",
-]
+DENSE = DENSE_OVERRIDES
 H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at the input size
 
 

@@ -1,0 +1,25 @@
+"""The paper's model variants as MODEL.SPARSE_DETR switches, shared by the tests (importable from every test folder:
+pytest puts tests/ on sys.path for the root conftest.py)."""
+
+from typing import Any, Dict, List
+
+BBR_TWO_STAGE: Dict[str, Any] = dict(WITH_BOX_REFINE=True, TWO_STAGE=True)
+EFFICIENT_DETR: Dict[str, Any] = dict(BBR_TWO_STAGE, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True)
+SPARSE_DETR: Dict[str, Any] = dict(EFFICIENT_DETR, RHO=0.3, USE_ENC_AUX_LOSS=True)
+
+# The four rows the paper compares.
+PAPER_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "deformable_detr": {},
+    "deformable_detr_bbr_two_stage": BBR_TWO_STAGE,
+    "efficient_detr": EFFICIENT_DETR,
+    "sparse_detr_enc_aux": SPARSE_DETR,
+}
+
+# Command-line overrides that make the Sparse DETR smoke config (configs/demo/sparse_detr_shapes_smoke.yaml) a
+# dense Deformable DETR.
+DENSE_OVERRIDES: List[str] = [
+    *("MODEL.SPARSE_DETR.RHO", "0.0"),
+    *("MODEL.SPARSE_DETR.USE_ENC_AUX_LOSS", "False"),
+    *("MODEL.SPARSE_DETR.EFF_QUERY_INIT", "False"),
+    *("MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD", "False"),
+]
