@@ -106,7 +106,7 @@ _PROBE = "peak bytes of a forward:"
 
 def _peak_in_fresh_process(args: argparse.Namespace, path: str) -> Optional[int]:
     """The peak memory growth of a forward of `path` after a warm-up, in a new process that prepares only it."""
-    argv = [sys.executable, "-m", __name__, "--config-file", args.config_file, "--memory-probe", path]
+    argv = [sys.executable, "-m", __spec__.name, "--config-file", args.config_file, "--memory-probe", path]
     argv += ["--input-size", *map(str, args.input_size), "--threads", str(args.threads), *args.opts]
     result = subprocess.run(argv, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(_PROBE)]
