@@ -12,7 +12,13 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 
-__all__ = ["RESIZE_ROUNDINGS", "RandomSelect", "ReferenceResizeShortestEdge", "build_detr_augmentation"]
+__all__ = [
+    "RESIZE_ROUNDINGS",
+    "RandomSelect",
+    "ReferenceResizeShortestEdge",
+    "build_detr_augmentation",
+    "build_test_resize",
+]
 
 # INPUT.RESIZE_ROUNDING: detectron2's ResizeShortestEdge, or the reference's size arithmetic
 RESIZE_ROUNDINGS = ("detectron2", "reference")
@@ -97,6 +103,12 @@ def _shortest_edge_resize(cfg: CfgNode, sizes: Sequence[int], max_size: Optional
     return ReferenceResizeShortestEdge([sizes] if isinstance(sizes, int) else sizes, max_size)
 
 
+def build_test_resize(cfg: CfgNode) -> T.Augmentation:
+    """The test-time resize: shorter side to ``INPUT.MIN_SIZE_TEST``, longer side <= ``INPUT.MAX_SIZE_TEST``,
+    rounded as ``INPUT.RESIZE_ROUNDING`` says. Every inference path (evaluation, predictor, export) resizes with it."""
+    return _shortest_edge_resize(cfg, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+
+
 def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
     """The reference's ``make_coco_transforms`` from a config.
 
@@ -108,7 +120,7 @@ def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation
     Every resize rounds as ``INPUT.RESIZE_ROUNDING`` says (see :class:`ReferenceResizeShortestEdge`).
     """
     if not is_train:
-        return [_shortest_edge_resize(cfg, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+        return [build_test_resize(cfg)]
 
     augs: List[T.Augmentation] = []
     if cfg.INPUT.RANDOM_FLIP != "none":

@@ -4,7 +4,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
 from detectron2.engine import DefaultPredictor
+
+from ..data.transforms import build_test_resize
 
 __all__ = ["SaliencyPredictor"]
 
@@ -12,6 +15,11 @@ __all__ = ["SaliencyPredictor"]
 class SaliencyPredictor(DefaultPredictor):
     """detectron2's `DefaultPredictor` (test resize, input format, weights from MODEL.WEIGHTS) that also returns the
     scoring network's saliency of Sparse DETR models."""
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__(cfg)
+        # DefaultPredictor builds detectron2's resize; the evaluation's honours INPUT.RESIZE_ROUNDING
+        self.aug = build_test_resize(cfg)
 
     @property
     def has_saliency(self) -> bool:

@@ -8,14 +8,13 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from torch import Tensor
 from torch.export import ExportedProgram
 
 from ..config import setup_cfg
-from ..data.transforms import build_detr_augmentation
+from ..data.transforms import build_test_resize
 from ..modeling.meta_arch import SparseDETR
 from .torch_export import coarsest_stride, example_image, export_program, package_aoti
 from .verify import Detections, Parity, compare, eager_detections, parity_report
@@ -74,9 +73,8 @@ def load_sample_image(cfg: CfgNode, path: str) -> Tensor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--sample-image: no such file: {path}")
     image = read_image(path, format=cfg.INPUT.FORMAT)
-    aug_input = T.AugInput(image)
-    T.AugmentationList(build_detr_augmentation(cfg, is_train=False))(aug_input)
-    return torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1).copy())
+    resized = build_test_resize(cfg).get_transform(image).apply_image(image)
+    return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1).copy())
 
 
 def _second_image(model: SparseDETR, image: Tensor) -> Tensor:

@@ -304,7 +304,7 @@ class DeformableTransformer(nn.Module):
                 topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
             reference_points = topk_coords_unact.sigmoid()
             # 4 coordinates x d/2 features = 2d (the reference hard-codes 128 features, i.e. d = 256)
-            box_embed = sine_embedding(topk_coords_unact.sigmoid() * (2 * math.pi), self.d_model // 2).flatten(2)
+            box_embed = sine_embedding(reference_points * (2 * math.pi), self.d_model // 2).flatten(2)
             pos_trans_out = self.pos_trans_norm(self.pos_trans(box_embed))
             if self.eff_query_init:
                 tgt = gather_tokens(memory, topk_proposals)

@@ -1,5 +1,6 @@
 """INPUT.RESIZE_ROUNDING "reference": the reference's resize arithmetic, where detectron2 rounds differently."""
 
+import cv2
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -7,6 +8,8 @@ from detectron2.data import transforms as T
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.data.transforms import ReferenceResizeShortestEdge, build_detr_augmentation
+from sparse_detr.engine import SaliencyPredictor
+from sparse_detr.export.tool import load_sample_image
 
 
 def _cfg(**input_keys):
@@ -44,6 +47,18 @@ def test_config_switches_every_resize():
     assert len(resizes) == 3 and all(isinstance(a, ReferenceResizeShortestEdge) for a in resizes)
     default = build_detr_augmentation(_cfg(), is_train=False)
     assert isinstance(default[0], T.ResizeShortestEdge)
+
+
+def test_predictor_and_export_resize_as_the_evaluation(tiny_cfg, tmp_path):
+    """The demo's predictor and the export tool's sample image take the evaluation's resize, rounding included."""
+    cfg = tiny_cfg()
+    cfg.INPUT.RESIZE_ROUNDING = "reference"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 800, 1333
+    image = np.zeros((600, 512, 3), dtype=np.uint8)
+    assert SaliencyPredictor(cfg).aug.get_transform(image).apply_image(image).shape[:2] == (937, 800)
+    path = tmp_path / "sample.png"
+    cv2.imwrite(str(path), image)
+    assert load_sample_image(cfg, str(path)).shape == (3, 937, 800)
 
 
 def test_bad_values_name_the_key():
