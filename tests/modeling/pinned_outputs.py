@@ -4,7 +4,12 @@
 Run it to regenerate `pinned_outputs.json` after a deliberate change of what the model computes (and say why in
 the commit); a refactoring must leave the file as it is:
 
-    python tests/modeling/pinned_outputs.py
+    python tests/modeling/pinned_outputs.py            # --stdout: print the values instead (what the test reads)
+
+It computes under MKL's conditional numerical reproducibility (MKL_CBWR=COMPATIBLE, set before torch loads MKL):
+MKL picks its GEMM kernels by CPU (AVX-512 on a Xeon, its generic path on an AMD EPYC), and their different
+summation orders move float64 results by 1e-16, which a near-tie in a top-k (the DAM target, the two-stage
+proposals) turns into 1e-8 .. 1e-3. The compatible path gives every x86-64 CPU the same bits.
 
 Everything is read through the model's public interface, so the pins survive any reorganisation of its insides:
 - every (weighted) loss term of a training step;
@@ -13,17 +18,22 @@ Everything is read through the model's public interface, so the pins survive any
 - for Sparse DETR, the scoring network's logits and the tokens it keeps (the selected token indices), per level.
 """
 
-import json
-import sys
-from pathlib import Path
-from typing import Any, Dict, List
+import os
 
-import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+os.environ["MKL_CBWR"] = "COMPATIBLE"  # before torch: see the module docstring
 
-from sparse_detr import add_sparse_detr_config
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Dict, List  # noqa: E402
+
+import torch  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+from sparse_detr import add_sparse_detr_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, when run as a script
 from paper_variants import PAPER_VARIANTS as VARIANTS  # noqa: E402
@@ -108,8 +118,14 @@ def compute(variant: str) -> Dict[str, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stdout", action="store_true", help="print the values as JSON instead of writing the file")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     pins = {variant: compute(variant) for variant in VARIANTS}
+    if args.stdout:
+        print(json.dumps(pins))
+        return
     FIXTURE.write_text(json.dumps(pins, indent=1) + "\n")
     print(f"wrote {FIXTURE.relative_to(REPO)} ({', '.join(pins)})")
 
