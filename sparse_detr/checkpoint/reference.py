@@ -26,10 +26,10 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from ..config import setup_cfg
+from ..modeling.backbone.swin import swin_state_dict_to_timm
 from ..modeling.heads import HeadLayout
-from .io import load_weights_file, state_dict_of
+from ..weights_io import load_weights_file, state_dict_of
 from .resnet import torchvision_resnet_to_detectron2
-from .swin import swin_state_dict_to_timm
 
 __all__ = [
     "REFERENCE_NUM_CLASSES",
@@ -106,7 +106,6 @@ def convert_state_dict(
     """
     if num_classes not in (80, REFERENCE_NUM_CLASSES):
         raise ValueError(f"num_classes must be 80 (detectron2's COCO) or 91 (the reference's), got {num_classes}")
-    S = cfg.MODEL.SPARSE_DETR
     num_heads = len({m.group(1) for k in state_dict if (m := _CLASS_HEAD.match(k))})
     if num_heads == 0:
         raise ValueError("no class_embed.* keys: not a checkpoint of the reference implementation")
@@ -120,9 +119,8 @@ def convert_state_dict(
     if num_classes == REFERENCE_NUM_CLASSES:
         notes.append("class heads: the reference's 91 COCO-id columns kept")
         return converted, notes
-    shared_heads = not (S.WITH_BOX_REFINE or S.USE_ENC_AUX_LOSS)
-    binary_proposals = S.TWO_STAGE and not S.EFF_SPECIFIC_HEAD
-    if shared_heads and binary_proposals:
+    binary_proposals = layout.two_stage and layout.binary_proposals
+    if layout.shared and binary_proposals:
         raise ValueError(
             "this config shares one class head between the decoder (COCO classes) and the binary two-stage proposal "
             "scores (column 0); it cannot be remapped to 80 classes: convert with --num-classes 91"

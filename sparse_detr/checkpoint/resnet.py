@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from .io import load_weights_file, state_dict_of
+from ..weights_io import load_weights_file, state_dict_of
 
 __all__ = [
     "convert_resnet_file",

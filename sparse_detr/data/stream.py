@@ -22,7 +22,7 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..utils.rng import seeded_cpu_rngs
+from .rng import seeded_cpu_rngs
 
 __all__ = ["DATA_STREAM_ID", "TrainStream"]
 

@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 
@@ -107,6 +108,13 @@ def build_test_resize(cfg: CfgNode) -> T.Augmentation:
     """The test-time resize: shorter side to ``INPUT.MIN_SIZE_TEST``, longer side <= ``INPUT.MAX_SIZE_TEST``,
     rounded as ``INPUT.RESIZE_ROUNDING`` says. Every inference path (evaluation, predictor, export) resizes with it."""
     return _shortest_edge_resize(cfg, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+
+
+def test_input(resize: T.Augmentation, image: np.ndarray) -> torch.Tensor:
+    """An image as the model's test input: [H, W, C] uint8 in the model's INPUT.FORMAT -> [C, H', W'] float32 pixels
+    resized by ``resize`` (:func:`build_test_resize`), as the evaluation's mapper makes them."""
+    resized = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
 
 
 def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:

@@ -17,8 +17,8 @@ from torch import nn
 from ..checkpoint import SparseDetrCheckpointer
 from ..config import resolve_device
 from ..data.build import build_detr_test_loader, build_detr_train_loader, load_dataset_dicts
+from ..data.rng import seed_all_rngs
 from ..data.stream import DATA_STREAM_ID, TrainStream
-from ..utils.rng import seed_all_rngs
 from .ddp import create_ddp_model
 from .optimizer import build_optimizer, check_optimizer_state
 from .schedule import scale_schedule_to_batch_size

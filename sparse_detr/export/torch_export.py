@@ -38,7 +38,7 @@ def export_program(model: SparseDETR, image: Optional[Tensor] = None) -> Exporte
     tokens is a data-dependent size of the graph, computed from the image size as in eager mode.
 
     Args:
-        model: a `SparseDETR` (copied, not changed); its fast_inference backbone is what gets exported.
+        model: a `SparseDETR`, exported as prepared for inference (see :class:`ExportableSparseDETR`).
         image: [3, H, W] example to trace with (e.g. a real test image); default :func:`example_image`.
     """
     wrapper = ExportableSparseDETR(model)

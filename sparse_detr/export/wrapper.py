@@ -1,6 +1,5 @@
 """`SparseDETR` inference on one image as a function of tensors, the form torch.export and ONNX take."""
 
-import copy
 from typing import Tuple
 
 import torch
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from ..modeling.fast_inference import prepare_for_inference
 from ..modeling.meta_arch import SparseDETR
 
 __all__ = ["ExportableSparseDETR"]
@@ -16,12 +16,12 @@ __all__ = ["ExportableSparseDETR"]
 class ExportableSparseDETR(nn.Module):
     """One image in, its detections out, exactly as `SparseDETR`'s inference computes them.
 
-    The module holds its own copy of the model, in eval mode, whose backbone is the one inference runs
-    (:meth:`SparseDETR.inference_backbone`: folded and channels_last with `fast_inference`), so the exported weights
-    are the ones that run.
+    The module holds the model prepared for inference (:func:`~sparse_detr.modeling.prepare_for_inference`: the
+    folded, channels_last backbone and the transformer's fast path), so the exported graph and weights are the ones
+    inference runs fastest.
 
     Args:
-        model: a `SparseDETR`; it is copied, not changed.
+        model: a `SparseDETR`; one not prepared yet is copied, not changed.
     """
 
     def __init__(self, model: SparseDETR):
@@ -31,11 +31,7 @@ class ExportableSparseDETR(nn.Module):
                 "model: backbones that pad images to a square (padding_constraints square_size) are not exportable "
                 "here; the exported graph pads to size_divisibility only"
             )
-        backbone = model.inference_backbone()
-        model = copy.deepcopy(model).eval()
-        model._inference_backbone = None
-        model.backbone = copy.deepcopy(backbone)  # inference_backbone() now returns it as it is
-        self.model = model
+        self.model = prepare_for_inference(model)
 
     def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """

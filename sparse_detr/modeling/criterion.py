@@ -92,7 +92,7 @@ class SetCriterion(nn.Module):
         weight_dict: weight of each loss key (see :func:`build_weight_dict`); every returned loss must have one.
         focal_alpha: alpha of the sigmoid focal loss.
         binary_enc_targets: the two-stage proposals are trained as objectness (every target is class 0) instead
-            of with their classes (Efficient DETR's class-specific head).
+            of with their classes (:attr:`HeadLayout.binary_proposals`).
     """
 
     @configurable
@@ -133,7 +133,7 @@ class SetCriterion(nn.Module):
             "matcher": HungarianMatcher(cfg),
             "weight_dict": weight_dict,
             "focal_alpha": S.FOCAL_ALPHA,
-            "binary_enc_targets": not S.EFF_SPECIFIC_HEAD,
+            "binary_enc_targets": layout.binary_proposals,
         }
 
     def loss_labels(self, logits: Tensor, targets: List[Target], indices: Indices, num_boxes: float) -> Tensor:

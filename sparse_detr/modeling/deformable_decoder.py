@@ -98,6 +98,7 @@ class DeformableDecoder(LayerStack):
     """A stack of :class:`DeformableDecoderLayer` (constructor: see :class:`LayerStack`)."""
 
     layer_type = DeformableDecoderLayer
+    config_prefix = "DEC"
 
     def forward(
         self,

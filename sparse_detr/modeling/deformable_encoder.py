@@ -91,6 +91,7 @@ class DeformableEncoder(LayerStack):
     """A stack of :class:`DeformableEncoderLayer`, dense or sparse (constructor: see :class:`LayerStack`)."""
 
     layer_type = DeformableEncoderLayer
+    config_prefix = "ENC"
 
     @staticmethod
     def get_reference_points(shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:

@@ -25,30 +25,58 @@ PRIOR_PROB = 0.01
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """Which index of `class_embed` / `bbox_embed` serves which role.
+    """Which index of `class_embed` / `bbox_embed` serves which role, and the rules that follow from the variant:
+    whether one head serves every role, and how the two-stage proposals are scored.
 
     Attributes:
         num_decoder_layers: one head per decoder layer, first.
         two_stage: then one head scoring the encoder's proposals.
         num_encoder_aux: then one head per encoder layer but the last (Sparse DETR's encoder aux loss), or 0.
+        shared: one head module for every index (no box refinement, no encoder aux loss: the reference clones its
+            heads only for those).
+        binary_proposals: (two-stage) the proposal head scores objectness: its class 0 ranks the proposals and every
+            target trains as class 0 (Deformable DETR); False: Efficient DETR's class-specific proposal head,
+            ranked by the best class and trained with the targets' classes.
     """
 
     num_decoder_layers: int
     two_stage: bool
     num_encoder_aux: int = 0
+    shared: bool = True
+    binary_proposals: bool = True
 
     @classmethod
     def of(
-        cls, num_decoder_layers: int, two_stage: bool, num_encoder_layers: int, encoder_aux_loss: bool
+        cls,
+        num_decoder_layers: int,
+        two_stage: bool,
+        num_encoder_layers: int,
+        encoder_aux_loss: bool,
+        box_refine: bool = False,
+        class_specific_proposals: bool = False,
     ) -> "HeadLayout":
-        """The layout of a model: the encoder aux loss puts heads on every encoder layer but the last."""
-        return cls(num_decoder_layers, two_stage, num_encoder_layers - 1 if encoder_aux_loss else 0)
+        """The layout of a model: the encoder aux loss puts heads on every encoder layer but the last; box
+        refinement or the encoder aux loss give every index its own head."""
+        if class_specific_proposals and not two_stage:
+            raise ValueError(
+                "class_specific_proposals (MODEL.SPARSE_DETR.EFF_SPECIFIC_HEAD) needs two_stage "
+                "(MODEL.SPARSE_DETR.TWO_STAGE): it scores the encoder-output proposals"
+            )
+        return cls(
+            num_decoder_layers,
+            two_stage,
+            num_encoder_layers - 1 if encoder_aux_loss else 0,
+            shared=not (box_refine or encoder_aux_loss),
+            binary_proposals=not class_specific_proposals,
+        )
 
     @classmethod
     def from_config(cls, cfg) -> "HeadLayout":
         """The layout of the model MODEL.SPARSE_DETR describes."""
         S = cfg.MODEL.SPARSE_DETR
-        return cls.of(S.DEC_LAYERS, S.TWO_STAGE, S.ENC_LAYERS, S.USE_ENC_AUX_LOSS)
+        return cls.of(
+            S.DEC_LAYERS, S.TWO_STAGE, S.ENC_LAYERS, S.USE_ENC_AUX_LOSS, S.WITH_BOX_REFINE, S.EFF_SPECIFIC_HEAD
+        )
 
     @property
     def decoder(self) -> range:
@@ -110,8 +138,8 @@ class DetectionHeads:
         self.layout = layout
 
     @classmethod
-    def build(cls, hidden_dim: int, num_classes: int, layout: HeadLayout, shared: bool) -> "DetectionHeads":
-        """New heads: a Linear class head and a 3-layer MLP box head per index, or one pair for all (`shared`).
+    def build(cls, hidden_dim: int, num_classes: int, layout: HeadLayout) -> "DetectionHeads":
+        """New heads: a Linear class head and a 3-layer MLP box head per index, or one pair for all (`layout.shared`).
 
         Class heads start at the prior probability (bias -log((1 - p) / p)), box heads at a zero delta. Without
         two-stage, the first decoder layer predicts around reference points, so its box head starts at small boxes
@@ -123,7 +151,7 @@ class DetectionHeads:
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
         n = len(layout)
-        if shared:
+        if layout.shared:
             class_embed = nn.ModuleList([class_head] * n)
             bbox_embed = nn.ModuleList([box_head] * n)
         else:

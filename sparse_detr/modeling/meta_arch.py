@@ -1,22 +1,19 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from ..layers.position_encoding import PositionEmbeddingSine
 from .criterion import LossInputs, SetCriterion
-from .fast_inference import InferenceBackbone, tensor_fingerprint
 from .heads import DetectionHeads, HeadLayout
 from .levels import size_min, valid_sizes
+from .neck import MultiLevelNeck, check_in_features
 from .structures import Prediction, Target
 from .transformer import DeformableTransformer, TransformerOutput
 
@@ -27,22 +24,17 @@ __all__ = ["SparseDETR"]
 class SparseDETR(nn.Module):
     """Deformable DETR family on any detectron2 backbone.
 
-    The backbone maps in `in_features` go through 1x1 conv + GroupNorm; further levels (up to the transformer's
-    number of levels) come from stride-2 3x3 conv + GroupNorm, the first on the last backbone map itself, the next
-    ones on the previous level. The variant is the transformer's (two-stage, Efficient DETR query init and
-    class-specific head, Sparse DETR's keeping ratio and scoring network), plus box refinement and the encoder aux
-    loss chosen here.
+    The backbone maps in `in_features` go through the neck (:class:`MultiLevelNeck`: projections to the
+    transformer's levels, masks, position embeddings) into the transformer. The variant is the transformer's
+    (two-stage, Efficient DETR query init, Sparse DETR's keeping ratio and scoring network), plus the heads' layout
+    chosen here (box refinement, the encoder aux loss, Efficient DETR's class-specific proposal head).
 
     Training returns the weighted losses (detectron2 sums every value); class error, cardinality error and the
     DAM correlation go to the current EventStorage. Inference returns `[{"instances": Instances}]` with
     `pred_boxes`, `scores` and `pred_classes` in the original image size ("height"/"width" of the input).
 
-    With `fast_inference` (the default) inference computes the same outputs (to float rounding) with less work:
-    the backbone runs as :class:`InferenceBackbone` (frozen batch norms folded, channels_last), a copy made on the
-    first inference forward and again after `load_state_dict` or whenever the backbone's parameters or buffers
-    change, and the transformer runs its `fast` path (the decoder samples the memory before projecting it; two-stage
-    proposal boxes only for the queries). Training, `state_dict()` and checkpoint loading only ever see the model
-    itself.
+    Inference runs the model as written; :func:`~sparse_detr.modeling.prepare_for_inference` makes the model that
+    computes the same outputs (to float rounding) with less work.
 
     Errors name the argument and the config key it is read from.
     """
@@ -53,6 +45,7 @@ class SparseDETR(nn.Module):
         *,
         backbone: Backbone,
         in_features: Sequence[str],
+        neck: MultiLevelNeck,
         transformer: DeformableTransformer,
         criterion: SetCriterion,
         num_classes: int,
@@ -62,14 +55,15 @@ class SparseDETR(nn.Module):
         aux_loss: bool = True,
         with_box_refine: bool = False,
         use_enc_aux_loss: bool = False,
+        eff_specific_head: bool = False,
         num_detections: int = 100,
-        fast_inference: bool = True,
     ):
         """
         Args:
             backbone: a detectron2 backbone producing `in_features`.
-            in_features: backbone outputs fed to the transformer, finest first.
-            transformer: see :class:`DeformableTransformer`; its num_feature_levels >= len(in_features).
+            in_features: backbone outputs fed to the neck, finest first.
+            neck: maps them to the transformer's levels (as many, of its d_model channels).
+            transformer: see :class:`DeformableTransformer`.
             criterion: see :class:`SetCriterion`, for `num_classes` classes.
             num_classes: classes of the heads.
             num_queries: decoder queries (learned ones without two-stage).
@@ -78,29 +72,20 @@ class SparseDETR(nn.Module):
             with_box_refine: independent heads per decoder layer, each refining the previous layer's boxes.
             use_enc_aux_loss: detection heads and losses on the encoder queries of every layer but the last (the
                 selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
+            eff_specific_head: (two-stage) Efficient DETR's class-specific proposal head (see :class:`HeadLayout`).
             num_detections: detections kept per image (top-k over queries x classes).
-            fast_inference: run inference on the folded channels_last copy of the backbone, and the transformer's
-                fast path.
         """
         super().__init__()
-        output_shape: Dict[str, ShapeSpec] = backbone.output_shape()
-        missing = [f for f in in_features if f not in output_shape]
-        if not in_features or missing:
+        check_in_features(in_features, backbone.output_shape())
+        if (neck.num_inputs, neck.num_levels, neck.hidden_dim) != (
+            len(in_features),
+            transformer.num_feature_levels,
+            transformer.d_model,
+        ):
             raise ValueError(
-                f"in_features (MODEL.SPARSE_DETR.IN_FEATURES) {list(in_features)}: the backbone does not produce "
-                f"{missing or 'an empty list'}; it produces {sorted(output_shape)}"
-            )
-        num_levels = transformer.num_feature_levels
-        if num_levels < len(in_features):
-            raise ValueError(
-                f"the transformer's num_feature_levels (MODEL.SPARSE_DETR.NUM_FEATURE_LEVELS, {num_levels}) must "
-                f"be >= the number of in_features (MODEL.SPARSE_DETR.IN_FEATURES, {len(in_features)})"
-            )
-        hidden_dim = transformer.d_model
-        if hidden_dim % 32 != 0:
-            raise ValueError(
-                f"the transformer's d_model (MODEL.SPARSE_DETR.HIDDEN_DIM, {hidden_dim}) must be divisible by 32 "
-                "(GroupNorm(32) in the input projections)"
+                f"neck: it takes {neck.num_inputs} maps to {neck.num_levels} levels of {neck.hidden_dim} channels; "
+                f"the model feeds it {len(in_features)} (MODEL.SPARSE_DETR.IN_FEATURES) and the transformer takes "
+                f"{transformer.num_feature_levels} levels (NUM_FEATURE_LEVELS) of {transformer.d_model} (HIDDEN_DIM)"
             )
         if criterion.num_classes != num_classes:
             raise ValueError(
@@ -116,45 +101,25 @@ class SparseDETR(nn.Module):
         self.num_queries = num_queries
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
-        self.use_enc_aux_loss = use_enc_aux_loss
         self.num_detections = num_detections
-        self.fast_inference = fast_inference
-        # (fingerprint of the backbone's tensors, InferenceBackbone built from them); a tuple, so that the copy is
-        # not registered as a submodule (it must stay out of state_dict(), parameters() and training)
-        self._inference_backbone: Optional[Tuple[Tuple, InferenceBackbone]] = None
-        # loaded weights always mean a new copy, even where version counters cannot tell (inference tensors)
-        self.register_load_state_dict_post_hook(SparseDETR._forget_inference_backbone)
+        # set by prepare_for_inference: the transformer's fast path (the same outputs with less work)
+        self.fast_inference = False
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-
-        in_channels = [output_shape[f].channels for f in self.in_features]
-        projections = [
-            nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in in_channels
-        ]
-        extra_in = in_channels[-1]
-        for _ in range(num_levels - len(in_channels)):
-            projections.append(
-                nn.Sequential(
-                    nn.Conv2d(extra_in, hidden_dim, kernel_size=3, stride=2, padding=1),
-                    nn.GroupNorm(32, hidden_dim),
-                )
-            )
-            extra_in = hidden_dim
-        self.input_proj = nn.ModuleList(projections)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        # registered under the reference's name, which checkpoints pin (see MultiLevelNeck)
+        self.input_proj = neck
         if not transformer.two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+            self.query_embed = nn.Embedding(num_queries, transformer.d_model * 2)
 
         self.head_layout = HeadLayout.of(
-            transformer.decoder.num_layers, transformer.two_stage, transformer.encoder.num_layers, use_enc_aux_loss
+            transformer.decoder.num_layers,
+            transformer.two_stage,
+            transformer.encoder.num_layers,
+            use_enc_aux_loss,
+            with_box_refine,
+            eff_specific_head,
         )
-        # independent heads where layers refine boxes or see different tokens, else one shared by all roles
-        heads = DetectionHeads.build(
-            hidden_dim, num_classes, self.head_layout, shared=not (with_box_refine or use_enc_aux_loss)
-        )
+        heads = DetectionHeads.build(transformer.d_model, num_classes, self.head_layout)
         # registered under the reference's names, which checkpoints pin
         self.class_embed = heads.class_embed
         self.bbox_embed = heads.bbox_embed
@@ -162,11 +127,16 @@ class SparseDETR(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
         S = cfg.MODEL.SPARSE_DETR
+        backbone = build_backbone(cfg)
+        # built in the reference's order: the random initial weights draw in that order
+        transformer = DeformableTransformer(cfg)
+        criterion = SetCriterion(cfg)
         return {
-            "backbone": build_backbone(cfg),
+            "backbone": backbone,
             "in_features": S.IN_FEATURES,
-            "transformer": DeformableTransformer(cfg),
-            "criterion": SetCriterion(cfg),
+            "transformer": transformer,
+            "criterion": criterion,
+            "neck": MultiLevelNeck(cfg, backbone.output_shape()),
             "num_classes": S.NUM_CLASSES,
             "num_queries": S.NUM_QUERIES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -174,8 +144,8 @@ class SparseDETR(nn.Module):
             "aux_loss": S.AUX_LOSS,
             "with_box_refine": S.WITH_BOX_REFINE,
             "use_enc_aux_loss": S.USE_ENC_AUX_LOSS,
+            "eff_specific_head": S.EFF_SPECIFIC_HEAD,
             "num_detections": S.NUM_DETECTIONS,
-            "fast_inference": S.FAST_INFERENCE,
         }
 
     @property
@@ -202,27 +172,6 @@ class SparseDETR(nn.Module):
         # shared head unless cloned), and WITH_BOX_REFINE alone does not refine. We also refine for WITH_BOX_REFINE
         # alone, as Deformable DETR does; the paper's rows set both or neither, where the two agree.
         return self.with_box_refine or self.transformer.two_stage
-
-    def train(self, mode: bool = True) -> "SparseDETR":
-        if mode:
-            self._inference_backbone = None  # training never uses the copy: free its memory
-        return super().train(mode)
-
-    @staticmethod
-    def _forget_inference_backbone(module: "SparseDETR", incompatible_keys: Any) -> None:
-        """load_state_dict's post hook (a named function, so that the model pickles)."""
-        module._inference_backbone = None
-
-    def inference_backbone(self) -> nn.Module:
-        """The backbone inference runs: with `fast_inference` its :class:`InferenceBackbone` copy, rebuilt when
-        the backbone's tensors have changed since it was made (loaded weights, `.to()`, an optimizer step), else
-        the backbone itself."""
-        if not self.fast_inference or isinstance(self.backbone, InferenceBackbone):
-            return self.backbone
-        fingerprint = tensor_fingerprint(self.backbone)
-        if self._inference_backbone is None or self._inference_backbone[0] != fingerprint:
-            self._inference_backbone = (fingerprint, InferenceBackbone(self.backbone))
-        return self._inference_backbone[1]
 
     # ------------------------------------------------------------------------------------------------ inputs
     def normalize(self, image: Tensor) -> Tensor:
@@ -277,26 +226,9 @@ class SparseDETR(nn.Module):
         return targets
 
     # ------------------------------------------------------------------------------------------------ model
-    def _multi_level_inputs(
-        self, images: ImageList, features: Dict[str, Tensor]
-    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """Projected maps, padding masks and position embeddings of every transformer level."""
-        mask = self.padding_mask(images)
-        maps = [features[f] for f in self.in_features]
-        srcs = [proj(x) for proj, x in zip(self.input_proj, maps)]
-        sizes = [x.shape[-2:] for x in maps]
-        last = maps[-1]
-        for proj in self.input_proj[len(maps) :]:
-            last = proj(last)
-            srcs.append(last)
-            sizes.append(last.shape[-2:])
-        masks = [F.interpolate(mask[None].float(), size=s).to(torch.bool)[0] for s in sizes]
-        pos = [self.position_embedding(m).to(src.dtype) for src, m in zip(srcs, masks)]
-        return srcs, masks, pos
-
     def _run_transformer(self, images: ImageList, features: Dict[str, Tensor]) -> TransformerOutput:
         """features: the backbone's maps of `images.tensor`."""
-        srcs, masks, pos = self._multi_level_inputs(images, features)
+        srcs, masks, pos = self.input_proj([features[f] for f in self.in_features], self.padding_mask(images))
         query_embed = None if self.transformer.two_stage else self.query_embed.weight
         return self.transformer(
             srcs,
@@ -305,7 +237,7 @@ class SparseDETR(nn.Module):
             query_embed,
             self.heads,
             refine_boxes=self.refine_boxes,
-            enc_aux=self.training and self.use_enc_aux_loss,
+            enc_aux=self.training and self.head_layout.num_encoder_aux > 0,
             fast=not self.training and self.fast_inference,
         )
 
@@ -356,7 +288,7 @@ class SparseDETR(nn.Module):
     # ------------------------------------------------------------------------------------------------ inference
     def _inference(self, batched_inputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Instances]], TransformerOutput]:
         images = self.preprocess_image(batched_inputs)
-        results, out = self.detect(images, self.inference_backbone()(images.tensor))
+        results, out = self.detect(images, self.backbone(images.tensor))
         processed = []
         for result, x, size in zip(results, batched_inputs, images.image_sizes):
             height = x.get("height", size[0])
@@ -369,7 +301,7 @@ class SparseDETR(nn.Module):
 
         Args:
             images: normalized, padded images.
-            features: the backbone's (or :meth:`inference_backbone`'s) maps of `images.tensor`.
+            features: the backbone's maps of `images.tensor`.
         """
         out = self._run_transformer(images, features)
         logits, boxes = self._decoder_predictions(out, [self.head_layout.num_decoder_layers - 1])[0]

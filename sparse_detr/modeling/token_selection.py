@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 __all__ = ["ScoringNetwork", "TokenSelection", "num_selected_tokens", "select_top_rho_tokens", "keep_mask"]
@@ -21,6 +22,7 @@ class ScoringNetwork(nn.Module):
         h_dim: hidden channels, divisible by 4 (the reference uses in_dim).
     """
 
+    @configurable
     def __init__(self, in_dim: int, h_dim: int):
         super().__init__()
         if h_dim % 4 != 0:
@@ -34,6 +36,11 @@ class ScoringNetwork(nn.Module):
             nn.GELU(),
             nn.Linear(h_dim // 4, 1),
         )
+
+    @classmethod
+    def from_config(cls, cfg):
+        hidden_dim = cfg.MODEL.SPARSE_DETR.HIDDEN_DIM
+        return {"in_dim": hidden_dim, "h_dim": hidden_dim}
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, S, in_dim] -> logits [N, S]"""

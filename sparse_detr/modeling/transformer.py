@@ -80,8 +80,11 @@ class TransformerOutput:
 
 
 class DeformableTransformer(nn.Module):
-    """The transformer of every variant; the variant is chosen by `two_stage`, `eff_query_init`,
-    `eff_specific_head` and `rho` (see the arguments).
+    """The transformer of every variant; the variant is chosen by `two_stage`, `eff_query_init` and `rho` (see the
+    arguments) and by the heads' layout passed to `forward` (how two-stage proposals are scored).
+
+    The encoder, the decoder and the scoring network are built outside and injected (`from_config` builds them from
+    MODEL.SPARSE_DETR); the transformer initializes every parameter it holds as the reference does.
 
     Errors name the argument and the config key it is read from.
     """
@@ -90,45 +93,34 @@ class DeformableTransformer(nn.Module):
     def __init__(
         self,
         *,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_feature_levels: int = 4,
-        enc_n_points: int = 4,
-        dec_n_points: int = 4,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
+        scoring_network: Optional[ScoringNetwork] = None,
         two_stage: bool = False,
         num_queries: int = 300,
         eff_query_init: bool = False,
-        eff_specific_head: bool = False,
         rho: float = 0.0,
         test_rho: float = -1.0,
     ):
         """
         Args:
-            d_model: channels of the transformer.
-            nhead: attention heads.
-            num_encoder_layers, num_decoder_layers: depths.
-            dim_feedforward: FFN hidden channels.
-            dropout: dropout everywhere in the layers.
-            num_feature_levels: levels of the input.
-            enc_n_points, dec_n_points: sampling points per head and level.
+            encoder: the (dense or sparse) encoder; its d_model and n_levels are the transformer's.
+            decoder: the decoder, of the encoder's d_model and n_levels.
+            scoring_network: Sparse DETR's scoring network of the tokens, given exactly when rho > 0.
             two_stage: decoder queries come from the top-scoring encoder proposals.
             num_queries: decoder queries; the number of proposals kept in two-stage mode.
             eff_query_init: (two-stage) Efficient DETR: the queries' content is the proposals' encoder features,
                 their position embedding the proposals' box embedding.
-            eff_specific_head: (two-stage) score proposals by their best class instead of class 0 (a binary head).
             rho: Sparse DETR's keeping ratio of encoder tokens in training, in [0, 1]; 0 = dense encoder. rho > 0
-                builds the scoring network, which needs two_stage (it shares the encoder-output projection).
+                needs the scoring network and two_stage (it shares the encoder-output projection).
             test_rho: the keeping ratio at inference, <= 1; <= 0 means rho. Needs rho > 0.
         """
         super().__init__()
-        if num_encoder_layers < 1 or num_decoder_layers < 1:
+        d_model, num_feature_levels = encoder.d_model, encoder.n_levels
+        if (decoder.d_model, decoder.n_levels) != (d_model, num_feature_levels):
             raise ValueError(
-                "num_encoder_layers (MODEL.SPARSE_DETR.ENC_LAYERS) and num_decoder_layers "
-                f"(MODEL.SPARSE_DETR.DEC_LAYERS) must be >= 1, got {num_encoder_layers} and {num_decoder_layers}"
+                f"decoder: its d_model and n_levels {decoder.d_model, decoder.n_levels} must be the encoder's "
+                f"{d_model, num_feature_levels} (both MODEL.SPARSE_DETR.HIDDEN_DIM, NUM_FEATURE_LEVELS from a config)"
             )
         if num_queries < 1:
             raise ValueError(f"num_queries (MODEL.SPARSE_DETR.NUM_QUERIES) must be >= 1, got {num_queries}")
@@ -141,11 +133,12 @@ class DeformableTransformer(nn.Module):
                 f"test_rho (MODEL.SPARSE_DETR.TEST_RHO) = {test_rho} needs a sparse model (rho, "
                 "MODEL.SPARSE_DETR.RHO > 0): a dense model has no scoring network"
             )
-        for name, key, on in (
-            ("eff_query_init", "EFF_QUERY_INIT", eff_query_init),
-            ("eff_specific_head", "EFF_SPECIFIC_HEAD", eff_specific_head),
-            ("rho > 0", "RHO > 0", rho > 0),
-        ):
+        if (scoring_network is not None) != (rho > 0):
+            raise ValueError(
+                f"scoring_network: a sparse encoder (rho, MODEL.SPARSE_DETR.RHO > 0) needs one, a dense one has "
+                f"none; got rho = {rho} and {'a' if scoring_network is not None else 'no'} scoring network"
+            )
+        for name, key, on in (("eff_query_init", "EFF_QUERY_INIT", eff_query_init), ("rho > 0", "RHO > 0", rho > 0)):
             if on and not two_stage:
                 raise ValueError(
                     f"{name} (MODEL.SPARSE_DETR.{key}) needs two_stage (MODEL.SPARSE_DETR.TWO_STAGE): it works on "
@@ -156,17 +149,14 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.num_queries = num_queries
         self.eff_query_init = eff_query_init
-        self.eff_specific_head = eff_specific_head
         self.rho = rho
         self.test_rho = test_rho
 
+        # registered in the reference's order, which the initialization below follows
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        self.enc_mask_predictor = ScoringNetwork(d_model, d_model) if rho > 0 else None
-        layer_kwargs = dict(
-            d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels, n_heads=nhead
-        )
-        self.encoder = DeformableEncoder(num_encoder_layers, n_points=enc_n_points, **layer_kwargs)
-        self.decoder = DeformableDecoder(num_decoder_layers, n_points=dec_n_points, **layer_kwargs)
+        self.enc_mask_predictor = scoring_network
+        self.encoder = encoder
+        self.decoder = decoder
         if two_stage:
             # encoder tokens -> proposal features (shared with the scoring network's input)
             self.enc_output = nn.Linear(d_model, d_model)
@@ -182,20 +172,15 @@ class DeformableTransformer(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         S = cfg.MODEL.SPARSE_DETR
+        # built in the reference's order: the random initial weights draw in that order
+        scoring_network = ScoringNetwork(cfg) if S.RHO > 0 else None
         return {
-            "d_model": S.HIDDEN_DIM,
-            "nhead": S.NHEADS,
-            "num_encoder_layers": S.ENC_LAYERS,
-            "num_decoder_layers": S.DEC_LAYERS,
-            "dim_feedforward": S.DIM_FEEDFORWARD,
-            "dropout": S.DROPOUT,
-            "num_feature_levels": S.NUM_FEATURE_LEVELS,
-            "enc_n_points": S.ENC_N_POINTS,
-            "dec_n_points": S.DEC_N_POINTS,
+            "scoring_network": scoring_network,
+            "encoder": DeformableEncoder(cfg),
+            "decoder": DeformableDecoder(cfg),
             "two_stage": S.TWO_STAGE,
             "num_queries": S.NUM_QUERIES,
             "eff_query_init": S.EFF_QUERY_INIT,
-            "eff_specific_head": S.EFF_SPECIFIC_HEAD,
             "rho": S.RHO,
             "test_rho": S.TEST_RHO,
         }
@@ -243,8 +228,8 @@ class DeformableTransformer(nn.Module):
             masks: per level [N, H_l, W_l] bool, True on padding.
             pos_embeds: per level [N, C, H_l, W_l].
             query_embed: [num_queries, 2C] learned (position, content) of the queries; None in two-stage mode.
-            heads: the detection heads (their proposal head in two-stage mode, their decoder heads to refine boxes,
-                their encoder aux heads with enc_aux).
+            heads: the detection heads (their proposal head in two-stage mode, scoring proposals as its layout
+                says; their decoder heads to refine boxes; their encoder aux heads with enc_aux).
             refine_boxes: each decoder layer refines the reference boxes with its box head.
             enc_aux: run the encoder aux heads.
             fast: (inference) the same outputs with less work: the decoder samples before projecting (see
@@ -289,7 +274,7 @@ class DeformableTransformer(nn.Module):
             output_memory = self._project_tokens(memory, padding_mask, proposal_valid)
             proposal_head = heads.proposal
             enc_class = proposal_head.cls(output_memory)
-            objectness = enc_class.max(-1).values if self.eff_specific_head else enc_class[..., 0]
+            objectness = enc_class[..., 0] if heads.layout.binary_proposals else enc_class.max(-1).values
             # a tiny image may have fewer tokens than queries
             k = size_min(self.num_queries, objectness.shape[1])
             topk_proposals = objectness.topk(k, dim=1).indices

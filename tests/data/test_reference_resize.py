@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from export_model import load_sample_image
 
 from sparse_detr import add_sparse_detr_config
 from sparse_detr.data.transforms import ReferenceResizeShortestEdge, build_detr_augmentation
 from sparse_detr.engine import SaliencyPredictor
-from sparse_detr.export.tool import load_sample_image
 
 
 def _cfg(**input_keys):
@@ -55,10 +56,11 @@ def test_predictor_and_export_resize_as_the_evaluation(tiny_cfg, tmp_path):
     cfg.INPUT.RESIZE_ROUNDING = "reference"
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 800, 1333
     image = np.zeros((600, 512, 3), dtype=np.uint8)
-    assert SaliencyPredictor(cfg).aug.get_transform(image).apply_image(image).shape[:2] == (937, 800)
+    predictor = SaliencyPredictor(cfg, model=build_model(cfg).eval())
+    assert predictor.aug.get_transform(image).apply_image(image).shape[:2] == (937, 800)
     path = tmp_path / "sample.png"
     cv2.imwrite(str(path), image)
-    assert load_sample_image(cfg, str(path)).shape == (3, 937, 800)
+    assert load_sample_image(cfg, str(path)).shape == (3, 937, 800)  # projects/SparseDETR/export_model.py
 
 
 def test_bad_values_name_the_key():

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from sparse_detr.layers.position_encoding import PositionEmbeddingSine, sine_embedding
+from sparse_detr.layers.position_encoding import mask_sine_embedding, sine_embedding
 
 
 def test_sine_embedding_interleaves_sin_and_cos():
@@ -16,9 +16,8 @@ def test_sine_embedding_interleaves_sin_and_cos():
 
 
 def test_position_embedding_normalizes_by_the_valid_extent():
-    pe = PositionEmbeddingSine(num_pos_feats=8)
     mask = torch.zeros(1, 3, 4, dtype=torch.bool)
-    pos = pe(mask)
+    pos = mask_sine_embedding(mask, num_pos_feats=8)
     assert pos.shape == (1, 16, 3, 4)
     # y channel 0 is sin((row + 1 - 0.5) / rows * 2pi), x channel 0 (channel 8) the same over columns
     rows = torch.sin((torch.arange(3) + 0.5) / 3 * 2 * math.pi)
@@ -28,9 +27,8 @@ def test_position_embedding_normalizes_by_the_valid_extent():
 
 
 def test_position_embedding_ignores_padding():
-    pe = PositionEmbeddingSine(num_pos_feats=8)
-    alone = pe(torch.zeros(1, 3, 4, dtype=torch.bool))
+    alone = mask_sine_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), num_pos_feats=8)
     padded_mask = torch.ones(1, 5, 7, dtype=torch.bool)
     padded_mask[:, :3, :4] = False
-    padded = pe(padded_mask)
+    padded = mask_sine_embedding(padded_mask, num_pos_feats=8)
     assert torch.allclose(padded[:, :, :3, :4], alone, atol=1e-6)

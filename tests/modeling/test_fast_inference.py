@@ -1,5 +1,5 @@
-"""The fast inference path (folded batch norms, channels_last backbone, the transformer's fast path) computes what
-the plain path does, and leaves the model's state and training alone."""
+"""prepare_for_inference (folded batch norms, channels_last backbone, the transformer's fast path) computes what the
+plain path does, and leaves the model it was given alone."""
 
 import pickle
 
@@ -10,7 +10,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from paper_variants import PAPER_VARIANTS
 
-from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_batch_norms
+from sparse_detr.engine import build_inference_model
+from sparse_detr.modeling.fast_inference import InferenceBackbone, fold_batch_norms, prepare_for_inference
 
 VARIANTS = PAPER_VARIANTS
 RTOL = 1e-5
@@ -28,8 +29,8 @@ def _randomize_frozen_bn(module, seed=0):
             m.running_var.copy_(0.5 + torch.rand(n, generator=g))
 
 
-def _model(tiny_cfg, variant, fast=True):
-    cfg = tiny_cfg(**VARIANTS[variant], FAST_INFERENCE=fast)
+def _model(tiny_cfg, variant):
+    cfg = tiny_cfg(**VARIANTS[variant])
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -71,65 +72,52 @@ def test_folding_keeps_the_convolution(norm):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fast_path_equals_the_plain_path(variant, tiny_cfg, tiny_inputs):
     inputs = tiny_inputs()
-    fast = _model(tiny_cfg, variant, fast=True)
-    plain = _model(tiny_cfg, variant, fast=False)
+    plain = _model(tiny_cfg, variant)
+    fast = prepare_for_inference(plain)
     _assert_same_detections(_detections(fast, inputs), _detections(plain, inputs))
-    backbone = fast.inference_backbone()
-    assert isinstance(backbone, InferenceBackbone) and backbone.num_folded == 20  # every conv of a ResNet-18
-    assert plain.inference_backbone() is plain.backbone
+    assert isinstance(fast.backbone, InferenceBackbone) and fast.backbone.num_folded == 20  # every conv of a ResNet-18
+    assert fast.fast_inference and not plain.fast_inference
+    assert prepare_for_inference(fast) is fast  # prepared once
 
 
-def test_state_dict_parameters_and_training_are_untouched(tiny_cfg, tiny_inputs):
-    model = _model(tiny_cfg, "sparse_detr_enc_aux")
+def test_the_given_model_is_left_as_it_was(tiny_cfg, tiny_inputs):
+    model = _model(tiny_cfg, "sparse_detr_enc_aux").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    num_params = len(list(model.parameters()))
-    _detections(model, tiny_inputs())
+    fast = prepare_for_inference(model)
+    _detections(fast, tiny_inputs())
     after = model.state_dict()
-    assert list(after) == list(before)
+    assert model.training and list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert len(list(model.parameters())) == num_params
-    assert not any("inference_backbone" in name for name, _ in model.named_modules())
-    assert isinstance(pickle.loads(pickle.dumps(model)), type(model))  # hooks and copy pickle along
+    assert not any(isinstance(m, InferenceBackbone) for m in model.modules())
+    assert isinstance(pickle.loads(pickle.dumps(fast)), type(model))
 
-    # training after inference computes what a model that never ran inference computes
-    model.train()
-    assert model._inference_backbone is None  # the copy is dropped
+    # training the model computes what a model that was never prepared computes
     fresh = _model(tiny_cfg, "sparse_detr_enc_aux").train()
     with EventStorage():
         losses, expected = model(tiny_inputs()), fresh(tiny_inputs())
     assert all(torch.equal(losses[k], expected[k]) for k in expected)
 
 
-def test_the_copy_follows_new_weights(tiny_cfg, tiny_inputs):
-    inputs = tiny_inputs()
+def test_a_prepared_model_cannot_train(tiny_cfg):
+    fast = prepare_for_inference(_model(tiny_cfg, "deformable_detr"), inplace=True)
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(RuntimeError, match="cannot train: train the model that prepare_for_inference was given"):
+        fast.train()
+
+
+def test_the_inference_model_of_a_config(tiny_cfg, tiny_inputs, tmp_path):
+    """build_inference_model: weights loaded, eval mode, prepared as MODEL.SPARSE_DETR.FAST_INFERENCE says."""
     model = _model(tiny_cfg, "deformable_detr_bbr_two_stage")
-    _detections(model, inputs)
-    first = model.inference_backbone()
-    assert model.inference_backbone() is first  # unchanged weights: the same copy
-
-    # new backbone weights, as a checkpoint load writes them (in place)
-    other = _model(tiny_cfg, "deformable_detr_bbr_two_stage")
-    with torch.no_grad():
-        _randomize_frozen_bn(other.backbone, seed=1)
-        for p in other.backbone.parameters():
-            p.mul_(1.1)
-    model.load_state_dict(other.state_dict())
-    assert model.inference_backbone() is not first
-    other.fast_inference = False
-    _assert_same_detections(_detections(model, inputs), _detections(other, inputs))
-
-
-def test_built_and_loaded_under_inference_mode(tiny_cfg, tiny_inputs):
-    """Inference tensors have no version counter: a checkpoint loaded into them still refreshes the copy."""
-    inputs = tiny_inputs()
-    with torch.inference_mode():
-        model = _model(tiny_cfg, "deformable_detr")
-        _detections(model, inputs)
-        first = model.inference_backbone()
-        assert model.inference_backbone() is first
-        other = _model(tiny_cfg, "deformable_detr")
-        _randomize_frozen_bn(other.backbone, seed=2)
-        model.load_state_dict(other.state_dict())
-        assert model.inference_backbone() is not first
-        other.fast_inference = False
-        _assert_same_detections(_detections(model, inputs), _detections(other, inputs))
+    torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
+    cfg = tiny_cfg(**VARIANTS["deformable_detr_bbr_two_stage"])
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
+    torch.manual_seed(1)  # other random weights than the file's
+    fast = build_inference_model(cfg)
+    assert isinstance(fast.backbone, InferenceBackbone) and not fast.training
+    _assert_same_detections(_detections(fast, tiny_inputs()), _detections(model, tiny_inputs()))
+    cfg.MODEL.SPARSE_DETR.FAST_INFERENCE = False
+    assert not isinstance(build_inference_model(cfg).backbone, InferenceBackbone)
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        build_inference_model(cfg)
+    assert not build_inference_model(cfg, allow_random_weights=True).training

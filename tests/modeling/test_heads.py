@@ -28,7 +28,7 @@ def test_layout_names_the_reference_order():
 
 def test_views_pick_the_heads_of_each_role():
     torch.manual_seed(0)
-    heads = DetectionHeads.build(16, 3, HeadLayout(2, True, 1), shared=False)
+    heads = DetectionHeads.build(16, 3, HeadLayout(2, True, 1, shared=False))
     assert [h.cls for h in heads.decoder] == [heads.class_embed[0], heads.class_embed[1]]
     assert heads.proposal.box is heads.bbox_embed[2]
     assert [h.cls for h in heads.encoder_aux] == [heads.class_embed[3]]
@@ -40,7 +40,7 @@ def test_views_pick_the_heads_of_each_role():
 
 
 def test_shared_heads_are_one_module_named_by_its_first_index():
-    heads = DetectionHeads.build(16, 3, HeadLayout(3, True), shared=True)
+    heads = DetectionHeads.build(16, 3, HeadLayout(3, True, shared=True))
     assert len({id(m) for m in heads.class_embed}) == 1
     assert heads.module_names("decoder") == ["class_embed.0", "bbox_embed.0"]
     assert heads.module_names("proposal") == ["class_embed.0", "bbox_embed.0"]
@@ -56,3 +56,12 @@ def test_model_keeps_the_reference_state_dict_keys(tiny_cfg):
     assert "bbox_embed.3.layers.2.bias" in keys and "transformer.enc_mask_predictor.layer1.0.weight" in keys
     assert not [k for k in keys if k.startswith("heads.")]
     assert model.heads.layout == model.head_layout and model.heads.proposal.cls is model.class_embed[2]
+
+
+def test_the_layout_rules_of_a_variant():
+    assert HeadLayout.of(6, True, 6, encoder_aux_loss=True) == HeadLayout(6, True, 5, shared=False)
+    assert HeadLayout.of(6, True, 6, encoder_aux_loss=False, box_refine=True).shared is False
+    assert HeadLayout.of(6, False, 6, encoder_aux_loss=False).shared is True
+    assert HeadLayout.of(6, True, 6, False, class_specific_proposals=True).binary_proposals is False
+    with pytest.raises(ValueError, match="EFF_SPECIFIC_HEAD.*needs two_stage"):
+        HeadLayout.of(6, False, 6, False, class_specific_proposals=True)

@@ -3,8 +3,11 @@ import torch
 from torch import nn
 
 from sparse_detr.layers.mlp import MLP
+from sparse_detr.modeling.deformable_decoder import DeformableDecoder
+from sparse_detr.modeling.deformable_encoder import DeformableEncoder
 from sparse_detr.modeling.heads import DetectionHeads, HeadLayout
 from sparse_detr.modeling.levels import valid_ratio
+from sparse_detr.modeling.token_selection import ScoringNetwork
 from sparse_detr.modeling.transformer import DeformableTransformer, encoder_output_proposals
 
 
@@ -40,18 +43,26 @@ def _heads(num_decoder_layers, two_stage=False, d=32, classes=3):
     )
 
 
-def _tiny_transformer(**overrides) -> DeformableTransformer:
-    """32 channels, 2 heads, 2 + 2 layers, 2 levels of 2 points; `overrides` are constructor arguments."""
-    args = dict(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.0)
-    return DeformableTransformer(**{**args, "num_feature_levels": 2, "enc_n_points": 2, "dec_n_points": 2, **overrides})
+def _tiny_transformer(
+    d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2, scoring=None, **overrides
+) -> DeformableTransformer:
+    """32 channels, 2 heads, 2 + 2 layers, 2 levels of 2 points, the parts injected; a scoring network where rho > 0
+    (or as `scoring` says); `overrides` are the transformer's other arguments."""
+    layer = dict(d_model=d_model, d_ffn=64, dropout=0.0, n_levels=2, n_heads=nhead, n_points=2)
+    with_scoring = overrides.get("rho", 0.0) > 0 if scoring is None else scoring
+    return DeformableTransformer(
+        encoder=DeformableEncoder(num_encoder_layers, **layer),
+        decoder=DeformableDecoder(num_decoder_layers, **layer),
+        scoring_network=ScoringNetwork(d_model, d_model) if with_scoring else None,
+        **overrides,
+    )
 
 
 def _level_inputs(sizes, canvas=None, seed=0):
     """Random srcs of an image with per-level sizes, optionally zero-padded into a larger canvas."""
-    from sparse_detr.layers.position_encoding import PositionEmbeddingSine
+    from sparse_detr.layers.position_encoding import mask_sine_embedding
 
     g = torch.Generator().manual_seed(seed)
-    pe = PositionEmbeddingSine(16)
     srcs, masks, pos = [], [], []
     for lvl, (h, w) in enumerate(sizes):
         H, W = canvas[lvl] if canvas else (h, w)
@@ -61,7 +72,7 @@ def _level_inputs(sizes, canvas=None, seed=0):
         mask[:, :h, :w] = False
         srcs.append(src)
         masks.append(mask)
-        pos.append(pe(mask))
+        pos.append(mask_sine_embedding(mask, 16))
     return srcs, masks, pos
 
 
@@ -102,7 +113,7 @@ def test_two_stage_with_fewer_tokens_than_queries():
         (dict(test_rho=0.3), "scoring network"),
         (dict(num_queries=0), "NUM_QUERIES"),
         (dict(eff_query_init=True), "EFF_QUERY_INIT"),
-        (dict(eff_specific_head=True), "EFF_SPECIFIC_HEAD"),
+        (dict(two_stage=True, scoring=True), "scoring_network: a sparse encoder"),
     ],
 )
 def test_bad_arguments_name_the_config_key(kwargs, message):

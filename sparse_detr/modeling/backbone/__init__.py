@@ -5,6 +5,6 @@ meta-architecture only needs the feature maps named in ``MODEL.SPARSE_DETR.IN_FE
 Converting checkpoints into weights for them is ``sparse_detr.checkpoint``'s job.
 """
 
-from .swin import TimmSwinBackbone, build_swin_backbone, load_swin_state_dict
+from .swin import TimmSwinBackbone, build_swin_backbone, load_swin_state_dict, swin_state_dict_to_timm
 
-__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict"]
+__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict", "swin_state_dict_to_timm"]

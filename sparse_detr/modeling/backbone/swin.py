@@ -9,7 +9,7 @@ numerically exact on every image size.
 """
 
 import logging
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import timm
 import torch
@@ -20,10 +20,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from ...checkpoint.io import load_weights_file, state_dict_of
-from ...checkpoint.swin import swin_state_dict_to_timm
+from ...weights_io import load_weights_file, state_dict_of
 
-__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict"]
+__all__ = ["TimmSwinBackbone", "build_swin_backbone", "load_swin_state_dict", "swin_state_dict_to_timm"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,8 @@ class TimmSwinBackbone(Backbone):
         out_features: List[str] = ("stage2", "stage3", "stage4"),
         frozen_stages: int = 2,
         drop_path_rate: float = 0.2,
-        weights: str = "",
+        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+        weights_source: str = "state_dict",
     ):
         """
         Args:
@@ -63,7 +63,10 @@ class TimmSwinBackbone(Backbone):
                 parameters get ``requires_grad=False``; modules keep following ``train()``/``eval()``, as in the
                 reference, whose one-off ``eval()`` at construction is undone by the training loop's ``train()``.
             drop_path_rate: stochastic depth rate of the last block, rising linearly from 0 over all blocks.
-            weights: path to a timm-format or official-format Swin checkpoint to initialize from; "" = random init.
+            state_dict: timm-format or official-format Swin weights to initialize from (see
+                :func:`load_swin_state_dict`); None = random init.
+            weights_source: where ``state_dict`` came from, for the messages (from a config: the file of
+                MODEL.SWIN.WEIGHTS).
         """
         super().__init__()
         if not isinstance(out_features, (list, tuple)) or not out_features:
@@ -109,20 +112,21 @@ class TimmSwinBackbone(Backbone):
                 self._out_feature_strides[stage] = info["reduction"]
                 self.add_module(self._norm_name(stage), nn.LayerNorm(info["num_chs"]))
 
-        if weights:
-            checkpoint = load_weights_file(weights, what="MODEL.SWIN.WEIGHTS")
-            load_swin_state_dict(self, state_dict_of(checkpoint), source=weights)
+        if state_dict is not None:
+            load_swin_state_dict(self, state_dict, source=weights_source)
         self._freeze(frozen_stages)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
+        weights = cfg.MODEL.SWIN.WEIGHTS
         return {
             "name": cfg.MODEL.SWIN.NAME,
             "in_chans": input_shape.channels,
             "out_features": cfg.MODEL.SWIN.OUT_FEATURES,
             "frozen_stages": cfg.MODEL.SWIN.FROZEN_STAGES,
             "drop_path_rate": cfg.MODEL.SWIN.DROP_PATH_RATE,
-            "weights": cfg.MODEL.SWIN.WEIGHTS,
+            "state_dict": state_dict_of(load_weights_file(weights, what="MODEL.SWIN.WEIGHTS")) if weights else None,
+            "weights_source": weights or "state_dict",
         }
 
     @staticmethod
@@ -207,6 +211,33 @@ def _block_forward(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor
     x = x[:, :H, :W, :]
     x = shortcut + block.drop_path1(x)
     return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+# Keys of ImageNet checkpoints that a backbone has no use for: classifier, its final norm, non-persistent buffers.
+_IGNORED_PREFIXES = ("head.", "norm.")
+_IGNORED_SUFFIXES = ("relative_position_index", "attn_mask")
+
+
+def swin_state_dict_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Swin weights in timm's or the official layout -> timm's names (this backbone's), without classifier or
+    non-persistent buffers.
+
+    The official layout (``layers.i.downsample`` closing stage ``i``; recognized by ``layers.0.downsample``) has
+    its patch merging renamed to ``layers.{i+1}.downsample``, where timm opens the next stage with it.
+
+    Returns:
+        ``(renamed, layout)`` with ``layout`` "official" or "timm".
+    """
+    official = any(k.startswith("layers.0.downsample.") for k in state_dict)
+    renamed: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if official and key.startswith("layers.") and ".downsample." in key:
+            stage, rest = key[len("layers.") :].split(".", 1)
+            key = f"layers.{int(stage) + 1}.{rest}"
+        renamed[key] = value
+    return renamed, "official" if official else "timm"
 
 
 def load_swin_state_dict(

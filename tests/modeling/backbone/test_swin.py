@@ -132,8 +132,8 @@ def test_weights_round_trip(swin_t, tmp_path, layout):
     path = tmp_path / f"swin_{layout}.pth"
     torch.save(payload, path)
 
-    torch.manual_seed(1)
-    loaded = TimmSwinBackbone(weights=str(path), drop_path_rate=0.0).eval()
+    torch.manual_seed(1)  # MODEL.SWIN.WEIGHTS, read by the builder and handed to the backbone as a state dict
+    loaded = build_backbone(_swin_cfg(WEIGHTS=str(path), DROP_PATH_RATE=0.0)).eval()
     reference = swin_t.state_dict()
     for key, value in loaded.state_dict().items():
         if layout == "official" and key.startswith("norm"):
@@ -148,7 +148,7 @@ def test_weights_round_trip(swin_t, tmp_path, layout):
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="MODEL.SWIN.WEIGHTS.*nope.pth"):
-        TimmSwinBackbone(weights=str(tmp_path / "nope.pth"))
+        build_backbone(_swin_cfg(WEIGHTS=str(tmp_path / "nope.pth")))
 
 
 def test_mismatched_weights_are_a_clear_error(swin_t):

@@ -1,11 +1,12 @@
-"""Throughput of several configs in one run (sparse_detr.utils.benchmark, behind projects/SparseDETR/benchmark.py)."""
+"""Throughput of several configs in one run (projects/SparseDETR/benchmark.py)."""
 
+import json
 from pathlib import Path
 
 import pytest
+from benchmark import main, model_name, run
 
 from sparse_detr import setup_cfg
-from sparse_detr.utils.benchmark import model_name, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64), random weights
@@ -23,14 +24,16 @@ def dense_config(tmp_path):
     return str(path)
 
 
-def test_one_table_against_the_baseline(dense_config):
-    out = run_benchmark([SPARSE], dense_config, batch_sizes=[1, 2], warmup=1, iters=2, input_size=[64, 96])
+def test_one_table_against_the_baseline(dense_config, tmp_path):
+    argv = ["--configs", SPARSE, "--baseline", dense_config, "--batch-sizes", "1", "2", "--warmup", "1", "--iters", "2"]
+    out = main([*argv, "--input-size", "64", "96", "--json", str(tmp_path / "out.json")])
     # the baseline is added to the rows when --configs lacks it
-    assert [r["model"] for r in out["rows"]] == ["Deformable DETR + BBR + two-stage", "Sparse DETR (rho=0.3)"]
-    for row in out["rows"]:
+    assert [r["model"] for r in out.rows] == ["Deformable DETR + BBR + two-stage", "Sparse DETR (rho=0.3)"]
+    for row in out.rows:
         assert set(row["seconds_per_batch"]) == {1, 2}
         assert all(t > 0 for t in row["seconds_per_batch"].values())
-    printed = out["header"] + "\n" + out["table"]
+    assert json.loads((tmp_path / "out.json").read_text())["rows"][1]["model"] == "Sparse DETR (rho=0.3)"
+    printed = out.header + "\n" + out.table()
     assert "random weights" in printed and "input 64x96" in printed and "fp32" in printed
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert "B1 s/img" in table[0] and "B2 speed-up" in table[0]
@@ -54,7 +57,7 @@ def test_model_names():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="--iters"):
-        run_benchmark([SPARSE], SPARSE, iters=0)
+    with pytest.raises(ValueError, match="timed rounds >= 1"):
+        run([SPARSE], SPARSE, iters=0, input_size=[64, 96])
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
-        run_benchmark(["no_such.yaml"], SPARSE, root=str(ROOT))
+        run(["no_such.yaml"], SPARSE)

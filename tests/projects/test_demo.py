@@ -1,20 +1,27 @@
-"""Pictures of detections, saliency and kept tokens (sparse_detr.utils.demo, behind projects/SparseDETR/demo.py)."""
+"""Pictures of detections, saliency and kept tokens (projects/SparseDETR/demo.py)."""
 
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from demo import Demo, expand_inputs, main, run_images, run_video
 from paper_variants import DENSE_OVERRIDES
 
 from sparse_detr import setup_cfg
-from sparse_detr.utils.demo import Demo, expand_inputs, run_demo, run_images, run_video
+from sparse_detr.engine import build_inference_model
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, rho 0.3, 4 levels, test size 64..96), random weights
 CONFIG = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 DENSE = DENSE_OVERRIDES
 H, W = 80, 120  # resized to 64x96 by the test transform; the picture stays at the input size
+
+
+def _demo(opts=(), threshold=0.0) -> Demo:
+    """The demo of the config's model with random weights (the tool itself asks for MODEL.WEIGHTS)."""
+    cfg = setup_cfg(CONFIG, opts)
+    return Demo(cfg, threshold, model=build_inference_model(cfg, allow_random_weights=True))
 
 
 def _image(seed=0):
@@ -38,7 +45,7 @@ def _write_images(tmp_path, n):
 def test_sparse_model_picture_has_detections_and_per_level_panels(tmp_path):
     (src,) = _write_images(tmp_path, 1)
     out = tmp_path / "out.png"
-    written = run_images(Demo(setup_cfg(CONFIG), confidence_threshold=0.0), [str(src)], str(out))
+    written = run_images(_demo(), [str(src)], str(out))
     assert written == [str(out)]
     figure = cv2.imread(str(out))
     assert figure is not None
@@ -59,7 +66,7 @@ def test_sparse_model_picture_has_detections_and_per_level_panels(tmp_path):
 
 def test_dense_model_and_glob_inputs(tmp_path):
     _write_images(tmp_path, 2)
-    demo = Demo(setup_cfg(CONFIG, DENSE), confidence_threshold=0.0)
+    demo = _demo(DENSE)
     written = run_images(demo, expand_inputs([str(tmp_path / "in" / "*.png")]), str(tmp_path / "out"))
     assert sorted(Path(p).name for p in written) == ["img0.png", "img1.png"]
     for path in written:
@@ -72,7 +79,7 @@ def test_video(tmp_path):
     for i in range(3):
         writer.write(_image(i))
     writer.release()
-    out = run_video(Demo(setup_cfg(CONFIG), confidence_threshold=0.5), video, str(tmp_path / "vis"))
+    out = run_video(_demo(threshold=0.5), video, str(tmp_path / "vis"))
     capture = cv2.VideoCapture(out)
     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     ok, frame = capture.read()
@@ -82,7 +89,9 @@ def test_video(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
-        run_demo(setup_cfg(CONFIG), str(tmp_path))
+        main(["--config-file", CONFIG, "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        main(["--config-file", CONFIG, "--input", str(tmp_path / "a.jpg"), "--output", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         expand_inputs([str(tmp_path / "nothing_here*.jpg")])
     with pytest.raises(ValueError, match="confidence-threshold"):

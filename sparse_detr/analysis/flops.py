@@ -48,32 +48,28 @@ def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> Number:
 
 class FlopCountAnalysis(_D2FlopCountAnalysis):
     """detectron2's :class:`~detectron2.utils.analysis.FlopCountAnalysis` (models taking `list[dict]`, elementwise
-    ops not counted) that also counts `sparse_detr::ms_deform_attn`, really leaves out batch norm and counts the
-    plain inference path (not the fast one).
+    ops not counted) that also counts `sparse_detr::ms_deform_attn`, really leaves out batch norm and refuses a model
+    prepared for inference.
 
     detectron2 means not to count `aten::batch_norm` (frozen BN folds into the convolution at inference), but
     fvcore lets its default handle win over an ignored op, so its FLOPs would be counted; the reference's
     FrozenBatchNorm2d (a mul and an add) is not counted by fvcore either.
 
+    The paper counts the model as the reference computes it; `prepare_for_inference`'s fast path gets the same
+    outputs with fewer FLOPs (the decoder samples before projecting, proposal boxes only for the queries), which the
+    published figures are not about.
+
     Args:
-        model: a detectron2 model, or any module.
+        model: a detectron2 model, or any module; not one prepared for inference.
         inputs: what `model` is called with, e.g. `[{"image": tensor}]`.
     """
 
     def __init__(self, model: nn.Module, inputs: Any):
+        if getattr(model, "fast_inference", False):
+            raise ValueError(
+                "model: prepared for inference (fast path); count FLOPs on the model as written (the paper's figures "
+                "count the reference's computation): build it without prepare_for_inference"
+            )
         super().__init__(model, inputs)
         self._op_handles.pop("aten::batch_norm", None)
         self.set_op_handle(MS_DEFORM_ATTN_OP, ms_deform_attn_flop_jit)
-
-    def _analyze(self):
-        # Count the model as the paper defines it, as the reference computes it: the fast inference path
-        # (`SparseDETR.fast_inference`) gets the same outputs with fewer FLOPs (the decoder samples before
-        # projecting, proposal boxes only for the queries), which the paper's figures are not about.
-        fast = [m for m in self._model.modules() if getattr(m, "fast_inference", False)]
-        for m in fast:
-            m.fast_inference = False
-        try:
-            return super()._analyze()
-        finally:
-            for m in fast:
-                m.fast_inference = True

@@ -1,5 +1,5 @@
-"""Parameter and FLOP accounting (sparse_detr.utils.analysis) and the reports of analyze_model.py built on it
-(sparse_detr.utils.analysis_tables)."""
+"""Parameter and FLOP accounting (sparse_detr.analysis) and the reports of analyze_model.py built on it
+(projects/SparseDETR/analyze_model.py)."""
 
 import logging
 from pathlib import Path
@@ -8,22 +8,22 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from analyze_model import analyze_flops, analyze_parameters
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from paper_variants import DENSE_OVERRIDES
 
 from sparse_detr import setup_cfg
-from sparse_detr.layers import ms_deform_attn_available
-from sparse_detr.layers.multi_scale_deform_attn import MSDeformAttn
-from sparse_detr.utils.analysis import (
+from sparse_detr.analysis import (
     flop_breakdown,
     num_kept_tokens,
     parameter_breakdown,
     random_input,
     training_only_head_flops,
 )
-from sparse_detr.utils.analysis_tables import analyze_flops, analyze_parameters
-from sparse_detr.utils.flop_count import MS_DEFORM_ATTN_OP, FlopCountAnalysis
+from sparse_detr.analysis.flops import MS_DEFORM_ATTN_OP, FlopCountAnalysis
+from sparse_detr.layers import ms_deform_attn_available
+from sparse_detr.layers.multi_scale_deform_attn import MSDeformAttn
 
 ROOT = Path(__file__).resolve().parents[2]
 # a tiny Sparse DETR (R18, hidden 64, 2 encoder / 1 decoder layers, encoder aux heads), random weights

@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from sparse_detr.utils.visualizer import draw_token_selection, render_saliency_figure
+from sparse_detr.visualizer import draw_token_selection, render_saliency_figure
 
 
 def _image(h=40, w=60):

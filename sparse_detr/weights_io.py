@@ -1,4 +1,5 @@
-"""Reading local checkpoint files."""
+"""Reading local weight files (checkpoints, backbone weights): one reader with errors that name the file and the
+setting it came from."""
 
 import logging
 import os

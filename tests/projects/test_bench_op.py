@@ -1,10 +1,11 @@
-"""The inputs and the table of the deformable attention benchmark (sparse_detr.utils.op_benchmark); a whole run
-spawns subprocesses at the paper's size and is left to projects/SparseDETR/bench_op.py."""
+"""The deformable attention benchmark (projects/SparseDETR/bench_op.py): its inputs at the paper's size and one
+short run (times only: the memory measurement is the harness's, tests/test_measure.py)."""
+
+import json
 
 import pytest
 import torch
-
-from sparse_detr.utils.op_benchmark import CALLS, format_results, make_call, run_op_benchmark
+from bench_op import CALLS, main, make_call
 
 TOKENS = 107 * 130 + 54 * 65 + 27 * 33 + 14 * 17
 
@@ -26,18 +27,20 @@ def test_calls_at_the_paper_size(call, num_queries):
 def test_bad_calls():
     with pytest.raises(ValueError, match="unknown call 'neck'"):
         make_call("neck", "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"unknown calls \['neck'\]"):
-        run_op_benchmark(["decoder", "neck"])
+    with pytest.raises(ValueError, match=r"--calls: unknown \['neck'\]"):
+        main(["--calls", "decoder,neck", "--targets", "cpu:float32"])
     assert set(CALLS) == {"encoder", "sparse_encoder", "decoder"}
 
 
-def test_table():
-    result = {"call": "decoder", "device": "cpu", "dtype": "float32", "Lq": 300}
-    for impl, scale in (("reference", 4.0), ("op", 1.0)):
-        for phase in ("forward", "forward_backward"):
-            result[f"{impl}_{phase}_ms"] = 10 * scale
-            result[f"{impl}_{phase}_peak_mib"] = 2 * scale
-    result.update(forward_speedup=4.0, forward_backward_speedup=4.0)
-    header, rule, row = format_results([result]).splitlines()
-    assert header.startswith("| call |") and rule.startswith("|---|")
-    assert row == "| decoder | cpu, float32 | 300 | 40.0 / 10.0 | 4.0x | 40.0 / 10.0 | 4.0x | 8 / 2.0 | 8 / 2 |"
+def test_one_short_run(tmp_path, capsys):
+    path = tmp_path / "op.json"
+    argv = ["--calls", "decoder", "--repeats", "2", "--warmup", "0", "--no-memory", "--targets", "cpu:float32"]
+    report = main([*argv, "--json", str(path)])
+    (row,) = report.rows
+    assert row["call"] == "decoder" and row["Lq"] == 300 and row["device, dtype"] == "cpu, float32"
+    for phase in ("forward", "forward_backward"):
+        assert set(row[f"{phase}_ms"]) == {"reference", "op"} and min(row[f"{phase}_ms"].values()) > 0
+    assert row["fwd speed-up"].endswith("x")
+    printed = capsys.readouterr().out.splitlines()
+    assert "torch threads" in printed[0] and printed[1].startswith("| call ")
+    assert json.loads(path.read_text())["rows"][0]["Lq"] == 300

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .flop_count import FlopCountAnalysis
+from .flops import FlopCountAnalysis
 
 __all__ = [
     "module_groups",
