@@ -1,4 +1,6 @@
-# `make install` builds .venv from scratch; `make test` runs the suite, `make lint` ruff (both installing first if needed).
+# `make install` builds .venv from scratch; `make test` runs the fast tier (the inner loop: a few minutes on 2 cores),
+# `make test-all` every test including the slow tier (end-to-end training, multi-process runs, export compilation,
+# the GPU check's dry run; CI runs it), `make lint` ruff and the import layers (each installs first if needed).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
 export CUDA_HOME
 
-.PHONY: install test lint build-ext bench-op demo gpu-wheels gpu-check clean
+.PHONY: install test test-all lint build-ext bench-op demo gpu-wheels gpu-check clean
 
 install:
 	python3 -m venv $(VENV)
@@ -24,6 +26,9 @@ $(STAMP):
 	$(MAKE) install
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # ruff (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .` fixes most

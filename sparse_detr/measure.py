@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from tabulate import tabulate
 
-__all__ = ["Report", "Timings", "describe_device", "interleaved_times", "peak_memory", "synchronize"]
+__all__ = ["Report", "Timings", "check_rounds", "describe_device", "interleaved_times", "peak_memory", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -50,6 +50,12 @@ class Timings:
         return statistics.median(b / t for b, t in zip(self.seconds[baseline], self.seconds[name]))
 
 
+def check_rounds(warmup: int, iters: int) -> None:
+    """Raises ValueError unless there are >= 0 warm-up and >= 1 timed rounds (a tool checks before its set-up)."""
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"warm-up rounds must be >= 0 and timed rounds >= 1, got {warmup} and {iters}")
+
+
 def interleaved_times(
     fns: Dict[str, Callable[[], Any]], warmup: int, iters: int, device: Optional[torch.device] = None
 ) -> Timings:
@@ -57,8 +63,7 @@ def interleaved_times(
     run in the order of ``fns`` rotated by ``i``. The clock is read after :func:`synchronize` on ``device`` (default
     the CPU)."""
     device = torch.device("cpu") if device is None else device
-    if warmup < 0 or iters < 1:
-        raise ValueError(f"warm-up rounds must be >= 0 and timed rounds >= 1, got {warmup} and {iters}")
+    check_rounds(warmup, iters)
     names = list(fns)
     seconds: Dict[str, List[float]] = {name: [] for name in names}
     for _ in range(warmup):
@@ -171,9 +176,10 @@ class Report:
         return tabulate([[row[c] for c in self.columns] for row in self.rows], headers=self.columns, tablefmt="pipe")
 
     def emit(self, json_path: Optional[str] = None) -> None:
-        """Prints the header and the table; with ``json_path``, also writes the whole report there as JSON."""
+        """Prints the header and the table; with ``json_path``, also writes the whole report there as JSON (with the
+        table as printed, under "table")."""
         print(self.header)
         print(self.table())
         if json_path:
             with open(json_path, "w") as f:
-                json.dump(asdict(self), f, indent=1)
+                json.dump({**asdict(self), "table": self.table()}, f, indent=1)

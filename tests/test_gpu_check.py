@@ -15,6 +15,7 @@ from sparse_detr.layers import ms_deform_attn_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ms_deform_attn_available(), reason="sparse_detr._C is not built")
 def test_dry_run(tmp_path):
     out = tmp_path / "out"
@@ -59,10 +60,10 @@ def test_dry_run(tmp_path):
     ]
     assert all(s["status"] == "passed" for s in summary["steps"])
 
-    assert summary["environment"]["torch"] and summary["tests"]["counts"]
-    assert [(r["call"], r["device"], r["dtype"]) for r in summary["bench_op"]["rows"]] == [
-        ("decoder", "cpu", "float32")
-    ]
+    # what the tools and pytest reported, read from their own JSON and JUnit XML
+    counts = summary["tests"]["counts"]
+    assert summary["environment"]["torch"] and counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0
+    assert [(r["call"], r["device, dtype"]) for r in summary["bench_op"]["rows"]] == [("decoder", "cpu, float32")]
 
     rows = summary["throughput"]["rows"]
     assert [r["model"] for r in rows] == ["Deformable DETR + BBR + two-stage"] + [
@@ -73,9 +74,9 @@ def test_dry_run(tmp_path):
         assert all(r[f"{p} B{b} s/img"] > 0 for p in ("fp32", "amp") for b in (1, 2))
     assert rows[0]["fp32 B2 speed-up"] == 1.0
 
-    train = summary["train"]
-    assert train["iterations"] == 3 and train["all_finite"]
-    assert train["loss_start"] > 0 and train["loss_end"] > 0 and train["seconds_per_iteration_median"] > 0
+    train = summary["train"]  # train_net.py's metrics.json
+    assert train["iterations"] == 3 and train["losses_finite"]
+    assert train["loss_start"] > 0 and train["loss_end"] > 0 and train["seconds_per_iteration"] > 0
 
     text = (out / "summary.md").read_text()
     assert "dry run" in text and "| paper B4FPS ratio |" in text and "loss_start" in text

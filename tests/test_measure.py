@@ -51,6 +51,7 @@ def test_report_prints_its_table_and_saves_everything(tmp_path, capsys):
     ]
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["rows"] == [{"name": "a", "time": "1.0", "seconds": 1.0}] and saved["header"] == "conditions"
+    assert saved["table"] == report.table()
 
 
 def test_device_description():

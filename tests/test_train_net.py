@@ -87,6 +87,7 @@ def test_eval_only_reports_coco_ap(datasets_root, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "inference" / "coco_instances_results.json")
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_checkpoint_and_evaluate(datasets_root, tmp_path):
     out = finish(
         run_train_net(
@@ -134,6 +135,7 @@ def logged_losses(path):
         return [(r.pop("iteration"), r) for r in map(json.loads, f)]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_exactly(datasets_root, tmp_path):
     """SIGKILL after a checkpoint, then --resume: every iteration logs the losses of the uninterrupted run, bit for
     bit, whether the data is read in the main process or in a worker (the CPU, one thread: deterministic). The
@@ -207,6 +209,7 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
             assert losses == reference[iteration], f"{name}, iteration {iteration}"
 
 
+@pytest.mark.slow
 def test_own_coco_data_fine_tuned_from_a_checkpoint_of_other_classes(datasets_root, tmp_path, own_coco_dataset):
     """README, "Train on your own data": a COCO json and images registered by config keys alone, fine-tuned from
     the weights of a 4-class model (standing in for a converted COCO checkpoint) at 3 classes, then evaluated."""

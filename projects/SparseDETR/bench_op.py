@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_pytorch
-from sparse_detr.measure import Report, describe_device, interleaved_times, peak_memory
+from sparse_detr.measure import Report, check_rounds, describe_device, interleaved_times, peak_memory
 
 LEVEL_SHAPES = [(107, 130), (54, 65), (27, 33), (14, 17)]
 NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
@@ -104,6 +104,7 @@ def run(
     calls: Sequence[str], targets: Sequence[Tuple[str, str]], warmup: int, repeats: int, memory: bool = True
 ) -> Report:
     """Times (and with ``memory`` the peak memory of) both implementations on each call and (device, dtype)."""
+    check_rounds(warmup, repeats)
     unknown = [c for c in calls if c not in CALLS]
     if unknown:
         raise ValueError(f"--calls: unknown {unknown}; expected some of {CALLS}")

@@ -26,7 +26,7 @@ from detectron2.config import CfgNode
 from sparse_detr import setup_cfg
 from sparse_detr.analysis import random_input
 from sparse_detr.engine import build_inference_model
-from sparse_detr.measure import Report, describe_device, interleaved_times
+from sparse_detr.measure import Report, check_rounds, describe_device, interleaved_times
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = [
@@ -71,6 +71,7 @@ def run(
     ``opts`` (KEY VALUE overrides) apply to every model; they must all run on one ``MODEL.DEVICE``. ``amp``:
     autocast, fp16 on CUDA (the paper's AMP), bf16 on the CPU.
     """
+    check_rounds(warmup, iters)
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"--batch-sizes must be positive, got {list(batch_sizes)}")
     paths = [resolve_config_path(c) for c in configs]
@@ -99,8 +100,10 @@ def run(
         for path, row in rows.items():
             seconds = timings.median(path)
             row.update({f"B{b} s/img": f"{seconds / b:.3f}", f"B{b} img/s": f"{b / seconds:.2f}"})
-            row[f"B{b} speed-up"] = f"{timings.speedup(baseline, path):.2f}x"
+            speedup = timings.speedup(baseline, path)
+            row[f"B{b} speed-up"] = f"{speedup:.2f}x"
             row.setdefault("seconds_per_batch", {})[b] = seconds
+            row.setdefault("speedup", {})[b] = speedup
     dtype = (("fp16" if device.type == "cuda" else "bf16") + " autocast") if amp else "fp32"
     header = (
         f"{describe_device(device)}; {dtype}; input {input_size[0]}x{input_size[1]}; random weights; median of "

@@ -35,7 +35,7 @@ from sparse_detr import setup_cfg
 from sparse_detr.analysis import random_input
 from sparse_detr.export import ExportableSparseDETR, export_program
 from sparse_detr.export.torch_export import package_aoti
-from sparse_detr.measure import Report, describe_device, interleaved_times, peak_memory
+from sparse_detr.measure import Report, check_rounds, describe_device, interleaved_times, peak_memory
 from sparse_detr.modeling import prepare_for_inference
 
 PATHS = ("eager-plain", "eager-fast", "compile", "torch.export", "onnxruntime", "aoti")
@@ -114,6 +114,7 @@ def run(
     memory: bool = True,
 ) -> Report:
     """Times every path of the model of ``config_file`` (with the overrides ``opts``) on one random image."""
+    check_rounds(warmup, iters)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file: no such file: {config_file}")
     cfg = setup_cfg(config_file, opts)

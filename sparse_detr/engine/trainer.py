@@ -13,12 +13,14 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import SparseDetrCheckpointer
 from ..config import resolve_device
 from ..data.build import build_detr_test_loader, build_detr_train_loader, load_dataset_dicts
 from ..data.rng import seed_all_rngs
 from ..data.stream import DATA_STREAM_ID, TrainStream
+from ..modeling import prepare_for_inference
 from .ddp import create_ddp_model
 from .optimizer import build_optimizer, check_optimizer_state
 from .schedule import scale_schedule_to_batch_size
@@ -122,6 +124,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         return build_detr_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None) -> Dict[str, Any]:
+        """detectron2's evaluation, of the model prepared for inference with ``MODEL.SPARSE_DETR.FAST_INFERENCE``
+        (a copy: the model being trained is left as it is)."""
+        if cfg.MODEL.SPARSE_DETR.FAST_INFERENCE:
+            model = prepare_for_inference(model.module if isinstance(model, DistributedDataParallel) else model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:

@@ -10,6 +10,7 @@ from sparse_detr.export.torch_export import package_aoti
 
 
 # one package proves the toolchain (compiling one takes minutes): Sparse DETR, the variant with the most to trace
+@pytest.mark.slow
 @pytest.mark.parametrize("exported", ["sparse"], indirect=True)
 def test_aoti_package_matches_eager(exported, tmp_path):
     _, model, program = exported

@@ -97,6 +97,7 @@ def test_tensorrt_plugin_form(tmp_path):
 
 # the sparse variant's onnxruntime parity is checked through the tool, which exports and verifies it
 # (test_export_tool.py): each translation to ONNX takes a while
+@pytest.mark.slow
 @pytest.mark.parametrize("exported", ["bbr_two_stage"], indirect=True)
 def test_onnxruntime_matches_eager(exported, tmp_path):
     _, model, program = exported

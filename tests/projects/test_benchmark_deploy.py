@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 
 
+@pytest.mark.slow
 def test_eager_paths_in_one_table(capsys):
     # the export paths take the time of an export each; eager and compile do not need one
     out = main(

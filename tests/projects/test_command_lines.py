@@ -1,8 +1,8 @@
 """Every script in projects/SparseDETR runs from the command line: its arguments reach the package.
 
-The logic behind the scripts is tested in-process (tests/checkpoint, tests/utils); here each script runs once as a
+The scripts' functions are tested in-process (tests/projects/test_<script>.py); here each script runs once as a
 subprocess on something tiny, or stops at an argument check of its own. Every start imports torch and detectron2,
-so all of them start at once and the tests read their results.
+so all of them start at once and the tests read their results (the slow tier: `make test-all`).
 """
 
 import os
@@ -15,6 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
+
+from sparse_detr import setup_cfg
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "projects" / "SparseDETR"
@@ -31,6 +36,8 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
     image = workdir / "image.png"
     cv2.imwrite(str(image), np.full((48, 64, 3), 120, dtype=np.uint8))
     own = "[('command_lines_own', '{}', '{}')]".format(*own_coco_dataset(workdir / "own"))
+    weights = workdir / "smoke.pth"  # the demo shows a model's detections: it needs weights (random ones here)
+    torch.save({"model": build_model(setup_cfg(SMOKE, ["MODEL.DEVICE", "cpu"])).state_dict()}, weights)
     return {
         "analyze_model": ["analyze_model.py", "--config-file", SMOKE, "--tasks", "parameter"],
         # a dataset of one's own, registered by the config keys (as train_net.py and demo.py take them)
@@ -85,6 +92,8 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
             str(image),
             "--output",
             str(workdir / "out.png"),
+            "MODEL.WEIGHTS",
+            str(weights),
             "MODEL.DEVICE",
             "cuda",
         ],

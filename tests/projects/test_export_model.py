@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "demo" / "sparse_detr_shapes_smoke.yaml")
 
 
+@pytest.mark.slow
 def test_onnx_written_and_verified_with_onnxruntime(tiny_cfg, tmp_path, capsys):
     """Sparse DETR at TEST_RHO 0.1 (trained at 0.3) on the tiny config, exported and checked by the tool itself on
     two image sizes: the onnxruntime parity of this row (test_onnx_export.py checks the other one)."""
