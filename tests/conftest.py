@@ -29,10 +29,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def set_sparse_detr_keys(cfg: CfgNode, keys: Dict) -> None:
+    """Set ``MODEL.SPARSE_DETR`` keys; a dict value sets keys of that sub-node (unknown keys are errors)."""
+    S = cfg.MODEL.SPARSE_DETR
+    for key, value in keys.items():
+        if isinstance(value, dict):
+            S[key].merge_from_other_cfg(CfgNode(value))
+        else:
+            setattr(S, key, value)
+
+
 @pytest.fixture
 def tiny_cfg() -> Callable[..., CfgNode]:
     """``make(**sparse_detr)``: detectron2 ResNet-18, 32-dim transformer, 5 classes, on the CPU; keyword arguments
-    set ``MODEL.SPARSE_DETR`` keys."""
+    set ``MODEL.SPARSE_DETR`` keys (a dict sets keys of a sub-node, e.g. ``DN=dict(ENABLED=True)``)."""
 
     def make(**sparse_detr) -> CfgNode:
         cfg = get_cfg()
@@ -53,8 +63,7 @@ def tiny_cfg() -> Callable[..., CfgNode]:
         S.ENC_N_POINTS = 2
         S.DEC_N_POINTS = 2
         S.NUM_DETECTIONS = 20
-        for key, value in sparse_detr.items():
-            setattr(S, key, value)
+        set_sparse_detr_keys(cfg, sparse_detr)
         return cfg
 
     return make

@@ -1,5 +1,5 @@
-"""The paper's model variants as MODEL.SPARSE_DETR switches, shared by the tests (importable from every test folder:
-pytest puts tests/ on sys.path for the root conftest.py)."""
+"""The paper's model variants (and the switches beyond it) as MODEL.SPARSE_DETR switches, shared by the tests
+(importable from every test folder: pytest puts tests/ on sys.path for the root conftest.py)."""
 
 from typing import Any, Dict, List
 
@@ -14,6 +14,16 @@ PAPER_VARIANTS: Dict[str, Dict[str, Any]] = {
     "efficient_detr": EFFICIENT_DETR,
     "sparse_detr_enc_aux": SPARSE_DETR,
 }
+
+# Beyond the paper: Sparse DETR with the training switches of later work (projects/SparseDETR/README.md), and the
+# recipe the README recommends for training from scratch (as configs/demo/sparse_detr_fg_dn_shapes.yaml). Nested
+# dicts are sub-nodes (tiny_cfg and set_sparse_detr_keys in conftest.py set them).
+FOREGROUND: Dict[str, Any] = dict(SPARSE_DETR, SCORE_TARGET="foreground")
+SALIENCE: Dict[str, Any] = dict(SPARSE_DETR, SCORE_TARGET="salience")
+DAM_DN: Dict[str, Any] = dict(SPARSE_DETR, DN=dict(ENABLED=True))
+RECIPE: Dict[str, Any] = dict(
+    FOREGROUND, EFF_QUERY_INIT=False, MIXED_QUERY_SELECTION=True, LOOK_FORWARD_TWICE=True, DN=dict(ENABLED=True)
+)
 
 # Command-line overrides that make the Sparse DETR smoke config (configs/demo/sparse_detr_shapes_smoke.yaml) a
 # dense Deformable DETR.
