@@ -12,6 +12,7 @@ import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import Boxes, Instances
+from paper_variants import set_sparse_detr_keys
 
 import sparse_detr.config
 from sparse_detr import add_sparse_detr_config
@@ -27,16 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def set_sparse_detr_keys(cfg: CfgNode, keys: Dict) -> None:
-    """Set ``MODEL.SPARSE_DETR`` keys; a dict value sets keys of that sub-node (unknown keys are errors)."""
-    S = cfg.MODEL.SPARSE_DETR
-    for key, value in keys.items():
-        if isinstance(value, dict):
-            S[key].merge_from_other_cfg(CfgNode(value))
-        else:
-            setattr(S, key, value)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 
 from typing import Any, Dict, List
 
+from detectron2.config import CfgNode
+
 BBR_TWO_STAGE: Dict[str, Any] = dict(WITH_BOX_REFINE=True, TWO_STAGE=True)
 EFFICIENT_DETR: Dict[str, Any] = dict(BBR_TWO_STAGE, EFF_QUERY_INIT=True, EFF_SPECIFIC_HEAD=True)
 SPARSE_DETR: Dict[str, Any] = dict(EFFICIENT_DETR, RHO=0.3, USE_ENC_AUX_LOSS=True)
@@ -24,6 +26,17 @@ DAM_DN: Dict[str, Any] = dict(SPARSE_DETR, DN=dict(ENABLED=True))
 RECIPE: Dict[str, Any] = dict(
     FOREGROUND, EFF_QUERY_INIT=False, MIXED_QUERY_SELECTION=True, LOOK_FORWARD_TWICE=True, DN=dict(ENABLED=True)
 )
+
+
+def set_sparse_detr_keys(cfg: CfgNode, keys: Dict[str, Any]) -> None:
+    """Set ``MODEL.SPARSE_DETR`` keys; a dict value sets keys of that sub-node (unknown keys are errors)."""
+    S = cfg.MODEL.SPARSE_DETR
+    for key, value in keys.items():
+        if isinstance(value, dict):
+            S[key].merge_from_other_cfg(CfgNode(value))
+        else:
+            setattr(S, key, value)
+
 
 # Command-line overrides that make the Sparse DETR smoke config (configs/demo/sparse_detr_shapes_smoke.yaml) a
 # dense Deformable DETR.
