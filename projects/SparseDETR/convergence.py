@@ -13,11 +13,12 @@ sparse_detr_shapes.yaml, Sparse DETR rho = 0.3 on the generated synthetic shapes
               (configs/demo/sparse_detr_fg_dn_shapes.yaml)
 
 Each run is ``train_net.py`` in a process of its own, in ``OUTPUT/<variant>_seed<seed>`` (log in ``stdout.log``),
-evaluated every ``--eval-period`` iterations and at the end; the table shows the first and the last evaluation. A
-run whose folder already holds its last evaluation is read, not run again: an interrupted table goes on where it
-stopped (``--rerun`` trains again). Then every variant's training step (forward, backward, AdamW step on one batch
-of the training data, the same batch for all) is timed with the variants taking turns (sparse_detr.measure), which
-gives the cost of each switch and, dam against foreground, what skipping the DAM saves.
+evaluated every ``--eval-period`` iterations and at the end; the table shows the first and the last evaluation. The
+runs go seed by seed (every variant of the first seed, then of the next). A run whose folder already holds its last
+evaluation is read, not run again: an interrupted table goes on where it stopped (``--rerun`` trains again).
+Then every variant's training step (forward, backward, AdamW step on one batch of the training data, the same batch
+for all) is timed with the variants taking turns (sparse_detr.measure), which gives the cost of each switch and,
+dam against foreground, what skipping the DAM saves.
 
 Examples:
   python projects/SparseDETR/convergence.py --json output/convergence/table.json          # the table (hours)
@@ -119,6 +120,8 @@ def read_run(output_dir: Path, max_iter: int) -> Optional[Dict[str, Any]]:
 def train(config: str, overrides: Sequence[str], output_dir: Path) -> None:
     """``train_net.py`` on ``config`` with ``overrides`` into ``output_dir``, in a process of its own."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    # detectron2 appends to metrics.json: an unfinished earlier try would mix into this run's figures
+    (output_dir / "metrics.json").unlink(missing_ok=True)
     cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", config, *overrides]
     cmd += ["OUTPUT_DIR", str(output_dir)]
     with open(output_dir / "stdout.log", "w") as log:
@@ -186,8 +189,9 @@ def run(
 
     rows = {v: {"variant": v, "switches": VARIANTS[v][0], "runs": {}} for v in variants}
     if not skip_training:
-        for variant in variants:
-            for seed in seeds:
+        # seed by seed: an interrupted table has every variant of the first seeds
+        for seed in seeds:
+            for variant in variants:
                 out_dir = Path(output) / f"{variant}_seed{seed}"
                 result = None if rerun else read_run(out_dir, max_iter)
                 if result is None:
