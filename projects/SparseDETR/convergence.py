@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -47,7 +48,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from sparse_detr import setup_cfg  # noqa: E402
 from sparse_detr.data.build import build_detr_train_loader  # noqa: E402
 from sparse_detr.engine import build_optimizer  # noqa: E402
-from sparse_detr.measure import Report, check_rounds, describe_device, interleaved_times  # noqa: E402
+from sparse_detr.measure import Report, Timings, check_rounds, describe_device, interleaved_times  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/demo/sparse_detr_shapes.yaml"
@@ -130,13 +131,17 @@ def train(config: str, overrides: Sequence[str], output_dir: Path) -> None:
         raise RuntimeError(f"training failed (exit {done.returncode}): {' '.join(cmd)}; see {output_dir}/stdout.log")
 
 
-def step_times(config: str, variants: Sequence[str], opts: Sequence[str], warmup: int, rounds: int):
-    """Seconds of one training step of every variant, the variants taking turns (:func:`interleaved_times`), all on
-    the first batch of the config's training data."""
+def step_times(
+    config: str, variants: Sequence[str], opts: Sequence[str], warmup: int, rounds: int
+) -> Tuple[Timings, Timings]:
+    """Seconds of one training step of every variant, and of its scoring network's loss alone (the target built
+    from the decoder attention or from the boxes, and the loss), the variants taking turns
+    (:func:`interleaved_times`), all on the first batch of the config's training data. The loss alone is short: it
+    gets 10 times the rounds, on the outputs of a training forward of its model."""
     cfgs = {v: setup_cfg(config, [*VARIANTS[v][1], *opts, "DATALOADER.NUM_WORKERS", "0"]) for v in variants}
     first = cfgs[variants[0]]
     batch = next(iter(build_detr_train_loader(first)))
-    steps = {}
+    steps, score_losses = {}, {}
     for name, cfg in cfgs.items():
         torch.manual_seed(first.SEED)
         model = build_model(cfg).train()
@@ -149,7 +154,16 @@ def step_times(config: str, variants: Sequence[str], opts: Sequence[str], warmup
             optimizer.step()
 
         steps[name] = step
-    return interleaved_times(steps, warmup, rounds, torch.device(first.MODEL.DEVICE))
+        criterion_inputs = []
+        hook = model.criterion.register_forward_pre_hook(lambda module, args, seen=criterion_inputs: seen.append(args))
+        with torch.no_grad():
+            model(batch)
+        hook.remove()
+        score_losses[name] = partial(model.criterion.loss_token_scores, *criterion_inputs[0])
+    device = torch.device(first.MODEL.DEVICE)
+    return interleaved_times(steps, warmup, rounds, device), interleaved_times(
+        score_losses, warmup, 10 * rounds, device
+    )
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -205,12 +219,14 @@ def run(
                 rows[variant]["runs"][seed] = result
                 print(f"[convergence] {variant}, seed {seed}: {json.dumps(result['evaluations'])}", flush=True)
 
-    timings = step_times(config, variants, opts, step_warmup, step_rounds) if step_rounds else None
+    timings, score_timings = (
+        step_times(config, variants, opts, step_warmup, step_rounds) if step_rounds else (None,) * 2
+    )
     columns = ["variant", "switches"]
     if not skip_training:
         columns += [f"{m} @{i}" for i in (first_eval, max_iter) for m in ("AP", "AP50")] + ["s/iter (runs)"]
     if timings is not None:
-        columns += ["step s (interleaved)", "step time / dam's"]
+        columns += ["step s (interleaved)", "step time / dam's", "scoring loss ms", "scoring loss / dam step"]
     for variant, row in rows.items():
         runs = list(row["runs"].values())
         if not skip_training:
@@ -222,12 +238,18 @@ def run(
             row["step_seconds"] = timings.seconds[variant]
             row["step s (interleaved)"] = f"{timings.median(variant):.3f}"
             row["step time / dam's"] = f"{timings.speedup(variant, 'dam'):.3f}" if "dam" in rows else "—"
-    iters = f"{max_iter} iterations, evaluated every {eval_period} and at the end"
-    header = f"{os.path.relpath(config, REPO)} {' '.join(opts)}".strip() + f"; seeds {list(seeds)}; {iters}"
+            row["score_loss_seconds"] = score_timings.seconds[variant]
+            row["scoring loss ms"] = f"{1000 * score_timings.median(variant):.2f}"
+            reference_step = timings.median("dam" if "dam" in rows else variant)
+            row["scoring loss / dam step"] = f"{100 * score_timings.median(variant) / reference_step:.2f} %"
+    header = f"{os.path.relpath(config, REPO)} {' '.join(opts)}".strip()
+    if not skip_training:
+        header += f"; seeds {list(seeds)}; {max_iter} iterations, evaluated every {eval_period} and at the end"
     if timings is not None:
         header += (
             f"; step times: {describe_device(torch.device(base.MODEL.DEVICE))}, median of {step_rounds} rounds after "
-            f"{step_warmup} warm-up, variants interleaved on one batch (time / dam's: the median per-round ratio)"
+            f"{step_warmup} warm-up, variants interleaved on one batch (time / dam's: the median per-round ratio); "
+            f"scoring loss: its target and loss alone, median of {10 * step_rounds} rounds, over dam's step"
         )
     return Report(header, columns, list(rows.values()))
 

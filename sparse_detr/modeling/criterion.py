@@ -288,6 +288,19 @@ class SetCriterion(nn.Module):
             kept = (target * selection.keep_mask()).sum() / target.sum().clamp(min=1e-6)
         return loss, {"kept_score_target": kept}
 
+    def loss_token_scores(self, outputs: LossInputs, targets: List[Target]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The scoring network's loss against `score_target` (its target built here: the DAM's from the decoder's
+        cross-attention, the others' from the boxes), and its log-only figures."""
+        if self.score_target == "dam":
+            if outputs.levels is None or outputs.decoder is None:
+                raise ValueError("LossInputs: the DAM target of the scoring network needs levels and decoder")
+            return self.loss_mask_prediction(outputs.selection, outputs.levels, outputs.decoder)
+        if outputs.levels is None or outputs.image_sizes is None:
+            raise ValueError(
+                f"LossInputs: the {self.score_target} target of the scoring network needs levels and image_sizes"
+            )
+        return self.loss_box_score_target(outputs.selection, outputs.levels, targets, outputs.image_sizes)
+
     def denoising_losses(
         self, denoising: DenoisingPredictions, targets: List[Target], num_boxes: float, device: torch.device
     ) -> Dict[str, Tensor]:
@@ -375,20 +388,7 @@ class SetCriterion(nn.Module):
             set_targets = enc_targets if suffix == _PROPOSAL_SUFFIX else targets
             losses.update(self._set_losses(pred, set_targets, num_boxes, suffix)[0])
         if outputs.selection is not None:
-            if self.score_target == "dam":
-                if outputs.levels is None or outputs.decoder is None:
-                    raise ValueError("LossInputs: the DAM target of the scoring network needs levels and decoder")
-                loss, score_metrics = self.loss_mask_prediction(outputs.selection, outputs.levels, outputs.decoder)
-            else:
-                if outputs.levels is None or outputs.image_sizes is None:
-                    raise ValueError(
-                        f"LossInputs: the {self.score_target} target of the scoring network needs levels and "
-                        "image_sizes"
-                    )
-                loss, score_metrics = self.loss_box_score_target(
-                    outputs.selection, outputs.levels, targets, outputs.image_sizes
-                )
-            losses["loss_mask_prediction"] = loss
+            losses["loss_mask_prediction"], score_metrics = self.loss_token_scores(outputs, targets)
             metrics.update(score_metrics)
         if outputs.denoising is not None:
             losses.update(self.denoising_losses(outputs.denoising, targets, num_boxes, outputs.final.logits.device))
