@@ -31,10 +31,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# ruff (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .` fixes most
+# ruff and import-linter (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . &&
+# $(VENV)/bin/ruff format .` fixes most of ruff's findings; lint-imports checks that the package's folders import
+# only downward (the layers ARCHITECTURE.md draws)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Rebuild the extension in place after editing csrc/ (faster than a full install).
 build-ext: $(STAMP)
