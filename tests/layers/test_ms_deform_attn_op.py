@@ -401,9 +401,31 @@ def _op_on_cpu(op: "torch._ops.OpOverloadPacket", *args):
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_python_path(case: str, fallback_op: ModuleType):
+def test_bad_input_fallback_raises_or_computes_what_it_reads(case: str, fallback_op: ModuleType):
+    """Without the extension the pure-PyTorch path checks nothing itself: PyTorch's ops reject what it cannot compute,
+    and what they let through computes what the valid inputs do (e.g. level_start_index, which the reference does
+    not read, or attention weights of one more unit dim) -- never a wrong answer."""
+    changes, _, _ = BAD_INPUTS[case]
+    altered = _bad(**changes)
+    try:
+        out = fallback_op.ms_deform_attn(*altered)
+    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError):
+        return
+    # what it read: the altered values (e.g. weights rounded to float16) in the valid layout and dtype
+    read = [a.to(v.dtype).reshape(v.shape) if a.is_floating_point() else v for a, v in zip(altered, _bad())]
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*read), check_dtype=False)
+
+
+@requires_op
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_python_wrapper_and_cuda_check(case: str):
+    """ms_deform_attn raises what the op raises (it is the op's check), and `_C.check_inputs`, which the wrapper
+    runs before an eager CUDA call, raises the same: one specification, written in C++."""
     changes, exc, message = BAD_INPUTS[case]
-    assert _raised(fallback_op.ms_deform_attn, *_bad(**changes)) == (exc, f"ms_deform_attn: {message}")
+    inputs = _bad(**changes)
+    assert _raised(sparse_detr._C.check_inputs, *inputs) == (exc, f"ms_deform_attn: {message}")
+    if not any(t.is_meta for t in inputs):  # a meta tensor picks the fake kernel (see _op_on_cpu)
+        assert _raised(ms_deform_attn, *inputs) == (exc, f"ms_deform_attn: {message}")
 
 
 @requires_op
@@ -421,15 +443,13 @@ def test_bad_input_compiled_op(case: str):
 
 
 @requires_op
-def test_not_a_tensor():
-    """Rule 0: Python checks it itself, in C++ the op's schema does (in its own words)."""
-    inputs = _bad(attention_weights=Tensor.tolist)
-    assert _raised(ms_deform_attn, *inputs) == (
-        TypeError,
-        "ms_deform_attn: attention_weights must be a Tensor, got list",
-    )
-    exc, message = _raised(torch.ops.sparse_detr.ms_deform_attn, *inputs)
-    assert exc is RuntimeError and "Expected a value of type 'Tensor' for argument 'attention_weights'" in message
+@pytest.mark.parametrize("name", ["value", "attention_weights"])
+def test_not_a_tensor(name: str):
+    """Rule 0: the op's schema names the argument."""
+    inputs = _bad(**{name: Tensor.tolist})
+    for fn in (ms_deform_attn, torch.ops.sparse_detr.ms_deform_attn):
+        exc, message = _raised(fn, *inputs)
+        assert exc is RuntimeError and f"Expected a value of type 'Tensor' for argument '{name}'" in message
 
 
 @requires_op
