@@ -206,6 +206,9 @@ def test_upload_slide_rho_and_compare(browser, page_url, workdir):
     path = _screenshot(browser, "compare")
     assert cv2.imread(str(path)) is not None
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    # everything the page loaded came from the app on 127.0.0.1: no fonts, scripts or telemetry from outside
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and [url for url in loaded if not url.startswith(page_url)] == []
 
 
 def test_bad_uploads_get_a_message(browser, page_url, workdir):
