@@ -47,7 +47,7 @@ from sparse_detr import setup_cfg
 from sparse_detr.data.datasets import dataset_metadata, render_synthetic_image
 from sparse_detr.data.datasets.builtin import SYNTHETIC_SPLITS
 from sparse_detr.data.transforms import build_test_resize
-from sparse_detr.engine import SaliencyPredictor, build_inference_model
+from sparse_detr.engine import SaliencyPredictor
 from sparse_detr.measure import interleaved_times, synchronize
 from sparse_detr.visualizer import draw_detections, draw_token_selection, kept_token_counts, make_grid
 
@@ -492,7 +492,7 @@ def build(argv: Optional[Sequence[str]] = None) -> Tuple[gr.Blocks, argparse.Nam
         raise ValueError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
     cfg = setup_cfg(args.config_file, args.opts)
     check_weights(cfg)
-    explorer = RhoExplorer(cfg, build_inference_model(cfg))
+    explorer = RhoExplorer(cfg)
     examples = write_examples(tempfile.mkdtemp(prefix="sparse_detr_app_"))
     explorer.run(explorer.prepare(Image.open(examples[0])))
     return build_page(explorer, examples, args.confidence_threshold), args

@@ -17,10 +17,12 @@ from app import (
     _on_page,
     build,
     build_page,
+    enlarged_for_drawing,
     photo_from_pil,
     write_examples,
 )
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 from gradio.data_classes import ImageData
 from paper_variants import DENSE_OVERRIDES
 from PIL import Image
@@ -163,6 +165,16 @@ def test_panels_and_table(explorer):
     assert "model input: 96 x 64 px, from the photo's 120 x 80 px" in panels.table
     # the threshold changes what is drawn
     assert not np.array_equal(panels.detections, explorer.render(analysis, 1.0).detections)
+
+
+def test_small_photos_are_drawn_enlarged_with_their_boxes():
+    instances = Instances((80, 120), pred_boxes=Boxes(torch.tensor([[12.0, 8.0, 60.0, 40.0]])))
+    rgb, scaled = enlarged_for_drawing(np.asarray(_shapes()), instances)
+    assert rgb.shape == (341, 512, 3) and scaled.image_size == (341, 512)  # the longer side to DRAW_MIN_SIDE
+    sx, sy = 512 / 120, 341 / 80
+    torch.testing.assert_close(scaled.pred_boxes.tensor, torch.tensor([[12.0 * sx, 8.0 * sy, 60.0 * sx, 40.0 * sy]]))
+    large = np.zeros((600, 700, 3), np.uint8)
+    assert enlarged_for_drawing(large, instances)[0] is large  # drawn as it is
 
 
 def test_compare_rho(explorer):
