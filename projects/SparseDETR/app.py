@@ -504,11 +504,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Gradio sends usage statistics unless told not to; nothing here may leave the machine
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     page, args = build(argv)
-    page.launch(server_name="127.0.0.1", server_port=args.port, share=False, max_file_size=MAX_UPLOAD, footer_links=[])
+    page.launch(
+        server_name="127.0.0.1",
+        server_port=args.port,
+        share=False,
+        max_file_size=MAX_UPLOAD,
+        footer_links=[],
+        quiet=True,  # Gradio's own lines offer a public share link, which this page never makes
+        prevent_thread_lock=True,
+    )
+    logger.info(f"The page: {page.local_url} (Ctrl-C stops it)")
+    page.block_thread()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # a missing file, a bad argument or key, a port in use
         sys.exit(f"app.py: error: {e}")
