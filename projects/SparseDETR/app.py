@@ -220,9 +220,13 @@ class RhoExplorer:
             )
         return photo
 
-    def _set_rho(self, rho: float) -> None:
+    @staticmethod
+    def _check_rho(rho: float) -> None:
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho must be in (0, 1], got {rho}")
+
+    def _set_rho(self, rho: float) -> None:
+        self._check_rho(rho)
         self.transformer.test_rho = float(rho)
 
     def run(self, photo: Photo, rho: Optional[float] = None) -> Analysis:
@@ -292,9 +296,8 @@ class RhoExplorer:
             raise ValueError("a dense model (MODEL.SPARSE_DETR.RHO 0) has no rho to vary")
         if not rhos:
             raise ValueError("give at least one rho to compare")
-        for rho in rhos:
-            if not 0.0 < rho <= 1.0:
-                raise ValueError(f"rho must be in (0, 1], got {rho}")
+        for rho in rhos:  # all of them before the first run
+            self._check_rho(rho)
         bgr = np.ascontiguousarray(photo.rgb[:, :, ::-1])
         outputs: Dict[float, Tuple[Dict[str, Any], Dict[str, List[torch.Tensor]]]] = {}
 
