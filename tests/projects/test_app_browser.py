@@ -22,6 +22,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -128,13 +129,18 @@ def page_url(workdir) -> str:
 
 
 def _wait(driver, condition, what: str, seconds: float = WAIT_SECONDS):
-    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(condition, message=f"waiting for {what}")
+    # an element the page re-renders while it is read goes stale: read it again at the next poll
+    wait = WebDriverWait(driver, seconds, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition, message=f"waiting for {what}")
 
 
 def _cells(driver, elem_id: str) -> List[List[str]]:
-    """The body rows of the first table in the element ``elem_id``, as cell texts."""
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} table tbody tr")
-    return [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    """The body rows of the first table in the element ``elem_id``, as cell texts (read in one script, so a table
+    that the page is replacing is read whole or not at all)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), row => Array.from(row.cells, c => c.innerText))",
+        f"#{elem_id} table tbody tr",
+    )
 
 
 def _upload(driver, path: Path) -> None:
