@@ -105,6 +105,8 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
             str(workdir / "out.pth"),
         ],
         "convert_scrl to .pth": ["convert_scrl.py", str(workdir / "a.pth"), str(workdir / "b.pth")],
+        # the web page starts only with the weights it is to show (it is served in tests/projects/test_app_browser.py)
+        "app without its weights": ["app.py", "--config-file", SMOKE, "MODEL.WEIGHTS", str(workdir / "missing.pth")],
     }
 
 
@@ -163,3 +165,9 @@ def test_converters(runs):
     assert "FileNotFoundError: reference checkpoint: no such file" in out and "missing.pth" in out
     rc, out = runs["convert_scrl to .pth"]
     assert rc == 2 and "output must end with .pkl" in out  # argparse's usage error, before reading the input
+
+
+def test_app_names_missing_weights(runs, workdir):
+    out = _output(runs, "app without its weights", ok=False)
+    assert f"app.py: error: MODEL.WEIGHTS {workdir / 'missing.pth'}: no such file" in out
+    assert "Traceback" not in out
