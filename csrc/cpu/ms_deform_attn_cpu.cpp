@@ -144,9 +144,9 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
 // The channel loops are written on `Vec<scalar_t, kBytes>::type`, kBytes / sizeof(scalar_t) lanes (GCC/Clang
 // vector extensions), rather than left to the auto-vectorizer: the vector width is then the level's (16 bytes at
 // the baseline, SSE2 or NEON; 32 at x86-64-v3, AVX2; 64 at x86-64-v4, AVX-512), and a per-sample sum over channels
-// stays in a vector register and is folded once, by halves. (Left to `omp simd`, the backward's sums were kept as
-// 16 partial sums in memory, one AVX-512 vector of float, which the AVX2 code spilled and folded element by
-// element: the AVX2 backward ran 3x slower than the AVX-512 one.)
+// stays in a vector register and is folded once, by halves. (The kernels before them left the channel loops to
+// `omp simd` with 16 partial sums per quantity, one AVX-512 vector of float, and their AVX2 clone ran the backward
+// 3x slower than the AVX-512 one.)
 #if defined(__GNUC__) || defined(__clang__)
 template <typename scalar_t, int kBytes>
 struct VecType {
@@ -222,9 +222,10 @@ struct TaskBuffers {
   // the bilinear weights, the weights times the attention weight, and (backward) the dot products of the
   // neighbours' rows with grad_output's row.
   scalar_t *x, *y, *x_floor, *y_floor, *lx, *ly, *weight[4], *coef[4], *dot[4];
+  static constexpr int kArrays = 6 + 3 * 4;
 
   TaskBuffers(const MSDeformAttnSizes& s, bool backward)
-      : storage(18 * s.num_heads * s.num_levels * s.num_points),
+      : storage(kArrays * s.num_heads * s.num_levels * s.num_points),
         rows(s.num_heads * s.num_levels * s.num_points),
         zeros(s.head_dim, 0),
         sink(backward ? s.head_dim : 0, 0) {
@@ -439,7 +440,7 @@ MSDA_INLINE void backward_query(const Inputs<scalar_t>& in,
 // Prefetches what query `nq` reads and writes for heads [m_begin, m_end) besides the value rows: its sampling
 // locations, attention weights and grad_output row or output row, and (backward) its gradient rows. Called a query
 // ahead: in the spatial order consecutive queries are seldom neighbours in memory, so the hardware prefetchers
-// miss these (the encoder's backward: 9% faster, its forward 12%).
+// miss these (the encoder on one core of a Xeon: about 8% off the forward and off the backward).
 template <typename scalar_t>
 inline void prefetch_query(const Inputs<scalar_t>& in,
                            int64_t nq,
@@ -480,8 +481,8 @@ MSDA_INLINE void forward_rows(const Inputs<scalar_t>& in, int64_t begin, int64_t
 
 // Backward over the flat (n, m) range [begin, end), every query of each head. Within one n the task's heads are
 // visited query by query, in the spatial order: all the heads' channels of a value row are then used while its
-// cache lines are in. (Head after head would use 1 / M of each line pair the hardware prefetchers bring in, and
-// measured 1.6x slower; so did groups of 2 or 4 heads.)
+// cache lines are in. (Head after head, which uses 1 / M of each value row's bytes at a time, measured 1.6x slower
+// on the encoder; groups of 2 or 4 heads were slower too.)
 template <typename scalar_t, int kBytes>
 MSDA_INLINE void backward_heads(const Inputs<scalar_t>& in,
                                 int64_t begin,
