@@ -119,6 +119,9 @@ CallPlan<scalar_t> make_plan(const int64_t* spatial_shapes, const scalar_t* samp
 // Prefetches the cache lines of the `count` elements at `p`: a query's contiguous inputs and outputs.
 template <bool kForWrite, typename scalar_t>
 inline void prefetch_range(const scalar_t* p, int64_t count) {
+  if (count <= 0) {  // L * P = 0: nothing there, and `last` below would wrap around
+    return;
+  }
   constexpr uintptr_t kLine = 64;
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1);
   const uintptr_t last = (reinterpret_cast<uintptr_t>(p + count) - 1) & ~(kLine - 1);

@@ -140,6 +140,18 @@ def test_empty_inputs(batch: int, num_queries: int):
 
 
 @requires_op
+def test_no_sampling_points():
+    """P = 0: every output is zero, and so is every gradient (the kernels still visit each query)."""
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 2)], num_points=0)
+    out = ms_deform_attn(value, shapes, starts, loc, weights)
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, weights), rtol=0, atol=0)
+    grad_out = torch.randn(out.shape, dtype=out.dtype)
+    grads = torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, value, shapes, starts, loc, weights)
+    assert [g.shape for g in grads] == [value.shape, loc.shape, weights.shape]
+    assert not grads[0].any()
+
+
+@requires_op
 def test_backward_is_deterministic_across_thread_counts():
     """The value-gradient scatter is partitioned by (n, m), not by query: no races, so no dependence on threads."""
     inputs = make_inputs([(9, 11), (5, 6)], batch=2, num_queries=40, num_heads=3, dtype=torch.float32)
