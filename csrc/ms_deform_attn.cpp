@@ -171,4 +171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA kernels were built into this extension.");
+  m.def("cpu_isa", &sparse_detr::msda_cpu_isa,
+        "The instruction-set level the CPU kernels run at: 'x86-64-v4', 'x86-64-v3' or 'default' (the CPU's best, "
+        "or the lower one the environment variable SPARSE_DETR_CPU_ISA = v4 / v3 / default forces).");
 }

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include <string>
 #include <tuple>
 
 namespace sparse_detr {
@@ -87,5 +88,11 @@ std::string msda_dtype_name(at::ScalarType dtype);
 
 void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
                                       const MSDeformAttnSizes& sizes);
+
+// The instruction-set level the CPU kernels run at (cpu/ms_deform_attn_cpu.cpp): "x86-64-v4" (AVX-512),
+// "x86-64-v3" (AVX2, FMA) or "default" (the baseline: SSE2 on x86-64, any other architecture). The CPU's best level
+// unless the environment variable SPARSE_DETR_CPU_ISA (v4, v3 or default; read once per process) forces a lower
+// one; a value the CPU cannot honour raises ValueError here and in every CPU kernel call.
+std::string msda_cpu_isa();
 
 }  // namespace sparse_detr
