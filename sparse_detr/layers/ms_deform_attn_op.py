@@ -41,6 +41,13 @@ def ms_deform_attn_available() -> bool:
     return _C is not None
 
 
+def ms_deform_attn_cpu_isa() -> Optional[str]:
+    """The x86-64 level the CPU kernels run at in this process ("x86-64-v4": AVX-512, "x86-64-v3": AVX2 + FMA,
+    "default"): the CPU's best unless the environment variable SPARSE_DETR_CPU_ISA (v4, v3, default) asks for a
+    lower one. None without the compiled extension."""
+    return None if _C is None else _C.cpu_isa()
+
+
 def ms_deform_attn_pytorch(
     value: Tensor,
     spatial_shapes: Tensor,
