@@ -1,6 +1,7 @@
 # `make install` builds .venv from scratch; `make test` runs the fast tier (the inner loop: a few minutes on 2 cores),
 # `make test-all` every test including the slow tier (end-to-end training, multi-process runs, export compilation,
-# the GPU check's dry run; CI runs it), `make lint` ruff and the import layers (each installs first if needed).
+# the GPU check's dry run, the web demo in headless Chromium; CI runs it), `make lint` ruff and the import layers
+# (each installs first if needed). `make demo` trains the demo model, `make app` shows it on a local web page.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,13 +11,13 @@ STAMP := $(VENV)/.installed
 CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell n=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$n))))
 export CUDA_HOME
 
-.PHONY: install test test-all lint build-ext bench-op demo gpu-wheels gpu-check clean
+.PHONY: install test test-all lint build-ext bench-op demo app gpu-wheels gpu-check clean
 
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c requirements/constraints.txt -r requirements/runtime.txt -r requirements/export.txt \
-		-r requirements/lint.txt
+		-r requirements/lint.txt -r requirements/app.txt
 	bash scripts/install_detectron2.sh $(PY)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import sparse_detr, sparse_detr.layers as L; print('sparse_detr', sparse_detr.__version__, '| compiled op:', L.ms_deform_attn_available())"
@@ -28,13 +29,18 @@ $(STAMP):
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# the browser test's Chromium: Debian's packages, installed as root, else the test skips saying why
 test-all: $(STAMP)
+	bash scripts/install_browser.sh
 	$(PY) -m pytest -q tests
 
-# ruff (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .` fixes most
+# ruff and import-linter (pinned), configured in pyproject.toml; `$(VENV)/bin/ruff check --fix . &&
+# $(VENV)/bin/ruff format .` fixes most of ruff's findings; lint-imports checks that the package's folders import
+# only downward (the layers ARCHITECTURE.md draws)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Rebuild the extension in place after editing csrc/ (faster than a full install).
 build-ext: $(STAMP)
@@ -59,6 +65,12 @@ demo: $(STAMP)
 	@echo "untrained: $$(grep 'copypaste: [0-9n]' output/demo/untrained/log.txt | tail -n 1 | sed 's/.*copypaste: //')"
 	@echo "trained:   $$(grep 'copypaste: [0-9n]' output/demo/log.txt | tail -n 1 | sed 's/.*copypaste: //')"
 	@echo "picture:   output/demo/detections.png"
+
+# The web demo on the model `make demo` trained: http://127.0.0.1:7860 (projects/SparseDETR/app.py; Ctrl-C stops it).
+APP_WEIGHTS ?= output/demo/model_final.pth
+app: $(STAMP)
+	@test -f $(APP_WEIGHTS) || { echo "$(APP_WEIGHTS) not found: run \`make demo\` first (it trains the model, ~15 minutes on the CPU)"; exit 1; }
+	$(PY) projects/SparseDETR/app.py --config-file $(DEMO_CFG) MODEL.WEIGHTS $(APP_WEIGHTS)
 
 # The GPU check (scripts/gpu_check.py): on a machine with one GPU, builds the CUDA kernels for it, runs the CUDA
 # tests, bench_op's CUDA rows, the throughput table and 100 AMP training iterations in at most 8 minutes, and

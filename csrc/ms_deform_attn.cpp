@@ -30,6 +30,28 @@ void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expe
 
 }  // namespace
 
+void check_ms_deform_attn_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                 const MSDeformAttnSizes& s) {
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t l = 0; l < s.num_levels; ++l) {
+    const int64_t height = hw[2 * l], width = hw[2 * l + 1];
+    TORCH_CHECK_VALUE(height > 0 && width > 0, "ms_deform_attn: spatial_shapes[", l, "] must be positive (H, W), got (",
+                      height, ", ", width, ")");
+    TORCH_CHECK_VALUE(start[l] == total, "ms_deform_attn: level_start_index[", l, "] is ", start[l],
+                      " but spatial_shapes put level ", l, " at ", total);
+    TORCH_CHECK_VALUE(msda_level_fits(total, height, width, s.num_values), "ms_deform_attn: spatial_shapes[", l,
+                      "] = (", height, ", ", width, ") does not fit in value: level ", l, " starts at ", total,
+                      " of S = ", s.num_values);
+    total += height * width;  // at most S, by the check above
+  }
+  TORCH_CHECK_VALUE(total == s.num_values, "ms_deform_attn: spatial_shapes add up to ", total,
+                    " positions but value has S = ", s.num_values);
+}
+
 // The rules are numbered as in the specification in ms_deform_attn.h.
 MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& value,
@@ -94,24 +116,7 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
 
   // 5. Levels.
   if (check_levels) {
-    const auto shapes = spatial_shapes.contiguous();
-    const auto starts = level_start_index.contiguous();
-    const int64_t* hw = shapes.data_ptr<int64_t>();
-    const int64_t* start = starts.data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t l = 0; l < s.num_levels; ++l) {
-      const int64_t height = hw[2 * l], width = hw[2 * l + 1];
-      TORCH_CHECK_VALUE(height > 0 && width > 0, "ms_deform_attn: spatial_shapes[", l,
-                        "] must be positive (H, W), got (", height, ", ", width, ")");
-      TORCH_CHECK_VALUE(start[l] == total, "ms_deform_attn: level_start_index[", l, "] is ", start[l],
-                        " but spatial_shapes put level ", l, " at ", total);
-      TORCH_CHECK_VALUE(msda_level_fits(total, height, width, s.num_values), "ms_deform_attn: spatial_shapes[", l,
-                        "] = (", height, ", ", width, ") does not fit in value: level ", l, " starts at ", total,
-                        " of S = ", s.num_values);
-      total += height * width;  // at most S, by the check above
-    }
-    TORCH_CHECK_VALUE(total == s.num_values, "ms_deform_attn: spatial_shapes add up to ", total,
-                      " positions but value has S = ", s.num_values);
+    check_ms_deform_attn_levels(spatial_shapes, level_start_index, s);
   }
   return s;
 }
@@ -146,6 +151,17 @@ TORCH_LIBRARY(sparse_detr, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Multi-scale deformable attention kernels; the ops live in torch.ops.sparse_detr.";
   m.def(
+      "check_inputs",
+      [](const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+         const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+        const auto s = sparse_detr::check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
+                                                                sampling_locations, attention_weights,
+                                                                /*check_levels=*/false);
+        sparse_detr::check_ms_deform_attn_levels(spatial_shapes.cpu(), level_start_index.cpu(), s);
+      },
+      "Every rule of the input specification (ms_deform_attn.h), rule 5 on host copies of spatial_shapes and "
+      "level_start_index: what Python runs before an eager call on CUDA, whose kernels assert only part of rule 5.");
+  m.def(
       "compiled_with_cuda",
       []() {
 #ifdef WITH_CUDA
@@ -155,4 +171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA kernels were built into this extension.");
+  m.def("cpu_isa", &sparse_detr::msda_cpu_isa,
+        "The instruction-set level the CPU kernels run at: 'x86-64-v4', 'x86-64-v3' or 'default' (the CPU's best, "
+        "or the lower one the environment variable SPARSE_DETR_CPU_ISA = v4 / v3 / default forces).");
 }

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include <string>
 #include <tuple>
 
 namespace sparse_detr {
@@ -22,14 +23,15 @@ struct MSDeformAttnSizes {
   int64_t num_points;   // P
 };
 
-// The input specification of ms_deform_attn, written once for both implementations of it: this function (the
-// compiled op, whichever way it is called: torch.ops, torch.compile, export) and `_check_inputs` in
-// sparse_detr/layers/ms_deform_attn_op.py (which runs before the op and before the pure-PyTorch fallback). Both
-// apply the rules in this order and raise the first broken one with the same exception and the same message,
+// The input specification of ms_deform_attn, written once, here: the compiled op checks it whichever way it is
+// called (torch.ops, torch.compile, export, the Python wrapper `ms_deform_attn` in
+// sparse_detr/layers/ms_deform_attn_op.py), applying the rules in this order and raising the first broken one as
 // "ms_deform_attn: ..." (TORCH_CHECK_TYPE is Python's TypeError, TORCH_CHECK_VALUE its ValueError). The table
-// BAD_INPUTS in tests/layers/test_ms_deform_attn_op.py runs every rule through both, against the exact message.
+// BAD_INPUTS in tests/layers/test_ms_deform_attn_op.py runs every rule through the op, against the exact message.
+// The pure-PyTorch fallback (no compiled extension) checks none of it itself: PyTorch's own ops reject what it
+// cannot compute, as torchvision.ops' Python references do.
 //
-//   0. Each argument is a Tensor (TypeError). Python only: in C++ the schema's `Tensor` arguments enforce it.
+//   0. Each argument is a Tensor: the schema's `Tensor` arguments enforce it (an error naming the argument).
 //   1. Ranks, argument by argument (ValueError): value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
 //      sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P].
 //   2. Dtypes (TypeError): value is floating point; sampling_locations, then attention_weights, have value's
@@ -51,8 +53,8 @@ struct MSDeformAttnSizes {
 //   - C++, `check_levels` set: the CPU kernels.
 //   - CUDA kernels: a device assert per level (msda_level_fits: 5a, 5c and level_start_index within value), which
 //     guards memory without a host sync but not 5b nor the sum.
-//   - Python: in eager mode, on any device (on CUDA one small host copy); skipped while compiling or tracing,
-//     where the compiled op's checks of the two lines above still apply.
+//   - `_C.check_inputs`: every rule, rule 5 on host copies (one small sync), which the Python wrapper runs before
+//     an eager call on CUDA; skipped while compiling or tracing, where the two lines above still apply.
 // Returns the sizes.
 MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& value,
@@ -61,6 +63,10 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     bool check_levels);
+
+// Rule 5 on `spatial_shapes` and `level_start_index` on the host, for the sizes rules 1-4 read.
+void check_ms_deform_attn_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                 const MSDeformAttnSizes& sizes);
 
 // Rule 5's bound for one level: positive H and W, a start within value, and H * W no more than the num_values -
 // start positions left, exactly, though H * W may not fit in int64 (2^32 x 2^32 wraps around to 0).
@@ -82,5 +88,11 @@ std::string msda_dtype_name(at::ScalarType dtype);
 
 void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
                                       const MSDeformAttnSizes& sizes);
+
+// The instruction-set level the CPU kernels run at (cpu/ms_deform_attn_cpu.cpp): "x86-64-v4" (AVX-512),
+// "x86-64-v3" (AVX2, FMA) or "default" (the baseline: SSE2 on x86-64, any other architecture). The CPU's best level
+// unless the environment variable SPARSE_DETR_CPU_ISA (v4, v3 or default; read once per process) forces a lower
+// one; a value the CPU cannot honour raises ValueError here and in every CPU kernel call.
+std::string msda_cpu_isa();
 
 }  // namespace sparse_detr

@@ -1,11 +1,14 @@
-// Per-sample bilinear gather and its backward scatter, written once for the CPU and the CUDA kernels.
+// Per-sample bilinear sampling: where a point falls and its weights, written once for the CPU and the CUDA
+// kernels, and the per-channel gather and backward scatter of the CUDA kernels.
 //
 // Semantics are grid_sample's: bilinear, padding_mode="zeros", align_corners=False. A normalized location u in
 // [0, 1] maps to the pixel coordinate u * size - 0.5 (pixel centres sit at (i + 0.5) / size), and a neighbour that
 // falls off the map reads as zero and receives no gradient.
 //
-// Both kernels call these functions one channel at a time: the CPU kernel loops over the D contiguous channels of
-// a value row, a CUDA thread owns one channel. So the CPU tests exercise exactly the arithmetic the GPU runs.
+// A CUDA thread owns one channel and calls msda_locate, msda_gather and msda_scatter (the CPU tests run that code
+// through the host harness of cuda/). The CPU kernel locates all the points of a query in vector loops built from
+// msda_pixel_coordinate, msda_floor_to_int and msda_bilinear_weights, and works on whole vectors of channels
+// (cpu/ms_deform_attn_cpu.cpp).
 #pragma once
 
 #include <cstdint>
@@ -23,9 +26,9 @@ namespace sparse_detr {
 // Where one sampling point falls on a level's H x W map. Neighbours are ordered (y0, x0), (y0, x1), (y1, x0),
 // (y1, x1). `index` is the neighbour's position y * W + x, clamped into the map so that a load is always in
 // bounds; `inside` is 1 where the neighbour really lies on the map, else 0. Loads are unconditional and then
-// selected with `inside != 0`, which keeps the CPU channel loop branch-free and never lets a non-finite value at a
+// selected with `inside != 0`, which keeps the channel loop branch-free and never lets a non-finite value at a
 // clamped position leak into the result. (`inside` is an acc_t rather than a bool so that the select compares
-// values as wide as the data: GCC vectorizes that, not a select on a byte-sized bool.)
+// values as wide as the data: GCC vectorizes that, not a select on a byte-sized bool, in the host harness.)
 template <typename acc_t>
 struct BilinearPoint {
   int64_t index[4];
@@ -44,26 +47,42 @@ MSDA_HOST_DEVICE inline int64_t msda_clamp_index(int64_t i, int64_t size) {
   return i < 0 ? 0 : (i >= size ? size - 1 : i);
 }
 
+// The pixel coordinate of normalized location `u` on a map `size` pixels long (`size_plus_one` is size + 1; both
+// given as acc_t, converted once by the caller), clamped to [-2, size + 1]. A point more than one pixel off the
+// map has no neighbour on it, so its value and gradients are zero wherever it is; clamping it changes nothing but
+// keeps the int conversion defined (NaN goes to -2). The two selects come one after the other, so that both
+// comparisons are made on every lane of a vector loop: GCC does not vectorize a comparison made on some lanes
+// only, since it might trap.
+template <typename acc_t>
+MSDA_HOST_DEVICE inline acc_t msda_pixel_coordinate(acc_t u, acc_t size, acc_t size_plus_one) {
+  acc_t x = u * size - acc_t(0.5);
+  x = x > acc_t(-2) ? x : acc_t(-2);
+  return x < size_plus_one ? x : size_plus_one;
+}
+
+// The bilinear weights of the four neighbours (BilinearPoint's order), from the fractional parts of the pixel
+// coordinate.
+template <typename acc_t>
+MSDA_HOST_DEVICE inline void msda_bilinear_weights(acc_t lx, acc_t ly, acc_t weight[4]) {
+  const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+  weight[0] = hy * hx;
+  weight[1] = hy * lx;
+  weight[2] = ly * hx;
+  weight[3] = ly * lx;
+}
+
 // `loc_x`, `loc_y`: normalized location; `height`, `width`: the level's map size (both >= 1).
 template <typename acc_t>
 MSDA_HOST_DEVICE inline BilinearPoint<acc_t> msda_locate(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width) {
-  acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
-  acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
-  // A point more than one pixel off the map has no neighbour on it, so its value and gradients are zero wherever
-  // it is; clamping it to [-2, size + 1] changes nothing but keeps the int conversion defined (NaN goes to -2).
-  x = x > acc_t(-2) ? (x < static_cast<acc_t>(width + 1) ? x : static_cast<acc_t>(width + 1)) : acc_t(-2);
-  y = y > acc_t(-2) ? (y < static_cast<acc_t>(height + 1) ? y : static_cast<acc_t>(height + 1)) : acc_t(-2);
+  const acc_t x = msda_pixel_coordinate(loc_x, static_cast<acc_t>(width), static_cast<acc_t>(width + 1));
+  const acc_t y = msda_pixel_coordinate(loc_y, static_cast<acc_t>(height), static_cast<acc_t>(height + 1));
   const int64_t x0 = msda_floor_to_int(x), y0 = msda_floor_to_int(y);
   const int64_t x1 = x0 + 1, y1 = y0 + 1;
 
   BilinearPoint<acc_t> p;
   p.lx = x - static_cast<acc_t>(x0);
   p.ly = y - static_cast<acc_t>(y0);
-  const acc_t hx = acc_t(1) - p.lx, hy = acc_t(1) - p.ly;
-  p.weight[0] = hy * hx;
-  p.weight[1] = hy * p.lx;
-  p.weight[2] = p.ly * hx;
-  p.weight[3] = p.ly * p.lx;
+  msda_bilinear_weights(p.lx, p.ly, p.weight);
 
   const bool x0_in = x0 >= 0 && x0 < width, x1_in = x1 >= 0 && x1 < width;
   const bool y0_in = y0 >= 0 && y0 < height, y1_in = y1 >= 0 && y1 < height;
@@ -137,8 +156,7 @@ MSDA_UNROLL
   return b;
 }
 
-// An adder for `msda_scatter` that adds plainly, for callers that own the rows they add into: the CPU kernel (each
-// task its own (n, m) slice of the gradient) and the host harness of the CUDA kernels (one thread at a time).
+// An adder for `msda_scatter` that adds plainly, for the host harness of the CUDA kernels (one thread at a time).
 template <typename acc_t>
 struct PlainAdder {
   acc_t* base;

@@ -14,7 +14,7 @@ from detectron2.data import Metadata
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["draw_detections", "draw_token_selection", "make_grid", "render_saliency_figure"]
+__all__ = ["draw_detections", "draw_token_selection", "kept_token_counts", "make_grid", "render_saliency_figure"]
 
 # Share of brightness left on the tokens the encoder does not update.
 _DIM_DROPPED = 0.25
@@ -87,6 +87,14 @@ def draw_token_selection(
     return heat_panels, kept_panels
 
 
+def kept_token_counts(saliency: Dict[str, List[torch.Tensor]]) -> List[Tuple[int, int]]:
+    """(kept, all) tokens of each feature level of one image: ``saliency["kept"]`` holds L bool maps [h_l, w_l]
+    (see :func:`draw_token_selection`), cropped to the image, so padding tokens are not counted."""
+    if "kept" not in saliency:
+        raise ValueError(f"saliency must have the key 'kept', got keys {sorted(saliency)}")
+    return [(int(k.sum()), k.numel()) for k in saliency["kept"]]
+
+
 def make_grid(
     rows: Sequence[Sequence[np.ndarray]], titles: Sequence[Sequence[str]], panel_size: Tuple[int, int]
 ) -> np.ndarray:
@@ -142,13 +150,12 @@ def render_saliency_figure(
     panel_size = (max(1, round(height * shrink)), max(1, round(width * shrink)))
 
     num_levels = len(heat)
-    kept_counts = [int(k.sum()) for k in saliency["kept"]]
-    token_counts = [k.numel() for k in saliency["kept"]]
-    total_kept, total_tokens = sum(kept_counts), sum(token_counts)
+    counts = kept_token_counts(saliency)
+    total_kept, total_tokens = sum(k for k, _ in counts), sum(n for _, n in counts)
     rows = [[detections] + heat, [image] + kept]
     titles = [
         [f"detections (score >= {score_threshold:g})"] + [f"saliency, level {lvl}" for lvl in range(num_levels)],
         [f"input, kept {total_kept}/{total_tokens} tokens"]
-        + [f"kept level {lvl}: {kept_counts[lvl]}/{token_counts[lvl]}" for lvl in range(num_levels)],
+        + [f"kept level {lvl}: {kept}/{tokens}" for lvl, (kept, tokens) in enumerate(counts)],
     ]
     return make_grid(rows, titles, panel_size)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from sparse_detr.visualizer import draw_token_selection, render_saliency_figure
+from sparse_detr.visualizer import draw_token_selection, kept_token_counts, render_saliency_figure
 
 
 def _image(h=40, w=60):
@@ -39,6 +39,13 @@ def test_kept_tokens_stay_bright_dropped_are_dimmed():
     # joint normalisation: the highest score (level 0, bottom right) is red, level 1 (lowest) is blue
     assert heat[0][-1, -1, 0] > heat[0][-1, -1, 2]
     assert heat[1][0, 0, 2] > heat[1][0, 0, 0]
+
+
+def test_kept_token_counts_per_level():
+    # level 0: 12 of 24 kept, level 1: none of 6
+    assert kept_token_counts(_saliency()) == [(12, 24), (0, 6)]
+    with pytest.raises(ValueError, match="'kept'"):
+        kept_token_counts({"scores": _saliency()["scores"]})
 
 
 def test_figure_layout():

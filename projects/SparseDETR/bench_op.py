@@ -14,6 +14,9 @@ taking turns run by run (sparse_detr.measure), medians, and the speed-up as the 
 the peak memory of one call of each, in a process of its own after a warm-up (outputs, saved activations,
 temporaries and gradients).
 
+The CPU rows name the instruction-set level the op's CPU kernels ran at (the CPU's best; SPARSE_DETR_CPU_ISA=v3
+forces the AVX2 kernels on an AVX-512 machine, v4 / v3 / default).
+
 Usage: python projects/SparseDETR/bench_op.py [--repeats 7] [--warmup 1] [--threads T]
                                               [--calls encoder,sparse_encoder,decoder] [--json FILE]
                                               [--targets cpu:float32,cuda:bfloat16,...]
@@ -24,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_pytorch
+from sparse_detr.layers import ms_deform_attn, ms_deform_attn_available, ms_deform_attn_cpu_isa, ms_deform_attn_pytorch
 from sparse_detr.measure import Report, check_rounds, describe_device, interleaved_times, peak_memory
 
 LEVEL_SHAPES = [(107, 130), (54, 65), (27, 33), (14, 17)]
@@ -114,13 +117,14 @@ def run(
     report = Report(
         header=f"{describe_device(device)}; time: median of {repeats} runs after {warmup} warm-up, the "
         "implementations alternating; speed-up: median of the per-run ratios; peak: extra memory of one call",
-        columns=["call", "device, dtype", "Lq", "fwd ref / op (ms)", "fwd speed-up", "fwd+bwd ref / op (ms)",
+        columns=["call", "device, dtype", "kernels", "Lq", "fwd ref / op (ms)", "fwd speed-up", "fwd+bwd ref / op (ms)",
                  "fwd+bwd speed-up", "peak fwd ref / op (MiB)", "peak fwd+bwd ref / op (MiB)"],
     )  # fmt: skip
     for dev, dtype in targets:
         for call in calls:
             num_queries = make_call(call, "cpu", torch.float32)[3].shape[1]
-            row = {"call": call, "device, dtype": f"{dev}, {dtype}", "Lq": num_queries}
+            kernels = ms_deform_attn_cpu_isa() if dev == "cpu" else "CUDA"
+            row = {"call": call, "device, dtype": f"{dev}, {dtype}", "kernels": kernels, "Lq": num_queries}
             for phase, label in zip(PHASES, ("fwd", "fwd+bwd")):
                 fns = {impl: make_runner(call, dev, dtype, impl, phase) for impl in IMPLEMENTATIONS}
                 timings = interleaved_times(fns, warmup, repeats, torch.device(dev))

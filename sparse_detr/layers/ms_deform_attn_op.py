@@ -16,8 +16,6 @@ from torch import Tensor
 
 _OP_NAME = "sparse_detr::ms_deform_attn"
 _BACKWARD_OP_NAME = "sparse_detr::ms_deform_attn_backward"
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _load_extension() -> Tuple[Optional[object], Optional[str]]:
@@ -41,6 +39,13 @@ if _C is None:
 def ms_deform_attn_available() -> bool:
     """True when the compiled extension `sparse_detr._C` is loaded."""
     return _C is not None
+
+
+def ms_deform_attn_cpu_isa() -> Optional[str]:
+    """The x86-64 level the CPU kernels run at in this process ("x86-64-v4": AVX-512, "x86-64-v3": AVX2 + FMA,
+    "default"): the CPU's best unless the environment variable SPARSE_DETR_CPU_ISA (v4, v3, default) asks for a
+    lower one. None without the compiled extension."""
+    return None if _C is None else _C.cpu_isa()
 
 
 def ms_deform_attn_pytorch(
@@ -79,96 +84,6 @@ def ms_deform_attn_pytorch(
     return out.transpose(1, 2).contiguous()
 
 
-def _check_inputs(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> None:
-    """Raises TypeError/ValueError naming the bad argument.
-
-    The Python side of the input specification written in csrc/ms_deform_attn.h: the same rules (numbered as
-    there), in the same order, with the same exceptions and messages as the compiled op's check.
-    """
-    # 0, 1. Tensors, ranks.
-    args = (
-        ("value", value, 4, "[N, S, M, D]"),
-        ("spatial_shapes", spatial_shapes, 2, "[L, 2]"),
-        ("level_start_index", level_start_index, 1, "[L]"),
-        ("sampling_locations", sampling_locations, 6, "[N, Lq, M, L, P, 2]"),
-        ("attention_weights", attention_weights, 5, "[N, Lq, M, L, P]"),
-    )
-    for name, t, _, _ in args:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ms_deform_attn: {name} must be a Tensor, got {type(t).__name__}")
-    for name, t, rank, layout in args:
-        if t.dim() != rank:
-            raise ValueError(f"ms_deform_attn: {name} must be {layout} ({rank} dims), got shape {list(t.shape)}")
-
-    # 2. Dtypes.
-    if not value.is_floating_point():
-        raise TypeError(f"ms_deform_attn: value must be floating point, got {value.dtype}")
-    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if t.dtype != value.dtype:
-            raise TypeError(f"ms_deform_attn: {name} has dtype {t.dtype} but value has {value.dtype}")
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
-        if t.dtype != torch.int64:
-            raise TypeError(f"ms_deform_attn: {name} must be torch.int64, got {t.dtype}")
-
-    # 3. Devices.
-    for name, t, _, _ in args[1:]:
-        if t.device != value.device:
-            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
-
-    # 4. Sizes.
-    N, S, M, _ = value.shape
-    L = spatial_shapes.shape[0]
-    Lq, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    sizes = (
-        ("spatial_shapes", spatial_shapes, 1, 2, "entries per level (H, W)"),
-        ("level_start_index", level_start_index, 0, L, "levels (L of spatial_shapes)"),
-        ("sampling_locations", sampling_locations, 0, N, "batch entries (N of value)"),
-        ("sampling_locations", sampling_locations, 2, M, "heads (M of value)"),
-        ("sampling_locations", sampling_locations, 3, L, "levels (L of spatial_shapes)"),
-        ("sampling_locations", sampling_locations, 5, 2, "coordinates (x, y)"),
-        ("attention_weights", attention_weights, 0, N, "batch entries (N of value)"),
-        ("attention_weights", attention_weights, 1, Lq, "queries (Lq of sampling_locations)"),
-        ("attention_weights", attention_weights, 2, M, "heads (M of value)"),
-        ("attention_weights", attention_weights, 3, L, "levels (L of spatial_shapes)"),
-        ("attention_weights", attention_weights, 4, P, "points (P of sampling_locations)"),
-    )
-    for name, t, dim, expected, what in sizes:
-        if t.shape[dim] != expected:
-            raise ValueError(
-                f"ms_deform_attn: {name} must have {expected} {what} in dim {dim}, got shape {list(t.shape)}"
-            )
-
-    # 5. Levels. They need the data on the host: skipped while compiling or tracing (the C++ op still checks them
-    # on the CPU, and the CUDA kernels assert their bounds on the device). On CUDA this costs one small host sync.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return
-    shapes: List[List[int]] = spatial_shapes.tolist()
-    starts: List[int] = level_start_index.tolist()
-    total = 0
-    for lid, ((h, w), start) in enumerate(zip(shapes, starts)):
-        if h <= 0 or w <= 0:
-            raise ValueError(f"ms_deform_attn: spatial_shapes[{lid}] must be positive (H, W), got ({h}, {w})")
-        if start != total:
-            raise ValueError(
-                f"ms_deform_attn: level_start_index[{lid}] is {start} but spatial_shapes put level {lid} at {total}"
-            )
-        # Python ints do not wrap around; the C++ op's msda_level_fits rejects the same levels without multiplying.
-        if h * w > S - total:
-            raise ValueError(
-                f"ms_deform_attn: spatial_shapes[{lid}] = ({h}, {w}) does not fit in value: level {lid} starts at "
-                f"{total} of S = {S}"
-            )
-        total += h * w
-    if total != S:
-        raise ValueError(f"ms_deform_attn: spatial_shapes add up to {total} positions but value has S = {S}")
-
-
 _warned_no_cuda_kernels = False
 
 
@@ -194,16 +109,17 @@ def ms_deform_attn(
     Returns:
         [N, Lq, M * D], heads concatenated.
     Raises:
-        TypeError / ValueError naming the argument on bad input, by the specification in csrc/ms_deform_attn.h,
-        which the compiled op follows too. The checks that read values (each level positive and fitting in value,
-        level_start_index matching spatial_shapes, the levels adding up to S) run in eager mode only; on CUDA they
-        copy those two small tensors to the host. Under torch.compile/export/tracing the op's own C++ checks (CPU)
-        and device asserts (CUDA: each level within value) still guard them.
+        TypeError / ValueError naming the argument on bad input: the compiled op checks the specification written
+        in csrc/ms_deform_attn.h. On CUDA its kernels assert only part of the level rules (each level within value),
+        so in eager mode the whole specification runs first on host copies of the two small level tensors
+        (`_C.check_inputs`, one sync); under torch.compile/export/tracing that is left out. Without the compiled
+        extension, PyTorch's own ops reject what the reference cannot compute.
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    # not a Tensor: the op's schema says which argument
+    on_cuda = isinstance(value, Tensor) and value.is_cuda
     if _C is None:
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.is_cuda and not _C.compiled_with_cuda():
+    if on_cuda and not _C.compiled_with_cuda():
         global _warned_no_cuda_kernels
         if not _warned_no_cuda_kernels:
             _warned_no_cuda_kernels = True
@@ -214,12 +130,8 @@ def ms_deform_attn(
                 stacklevel=2,
             )
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    supported = _CUDA_DTYPES if value.is_cuda else _CPU_DTYPES
-    if value.dtype not in supported:
-        raise TypeError(
-            f"ms_deform_attn: value has dtype {value.dtype}; the {value.device.type.upper()} kernel supports "
-            f"{', '.join(str(d) for d in supported)}"
-        )
+    if on_cuda and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        _C.check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return torch.ops.sparse_detr.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )

@@ -1,10 +1,13 @@
 """The compiled multi-scale deformable attention op against its grid_sample reference, on CPU (CUDA where present)."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -137,6 +140,18 @@ def test_empty_inputs(batch: int, num_queries: int):
 
 
 @requires_op
+def test_no_sampling_points():
+    """P = 0: every output is zero, and so is every gradient (the kernels still visit each query)."""
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 2)], num_points=0)
+    out = ms_deform_attn(value, shapes, starts, loc, weights)
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, weights), rtol=0, atol=0)
+    grad_out = torch.randn(out.shape, dtype=out.dtype)
+    grads = torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, value, shapes, starts, loc, weights)
+    assert [g.shape for g in grads] == [value.shape, loc.shape, weights.shape]
+    assert not grads[0].any()
+
+
+@requires_op
 def test_backward_is_deterministic_across_thread_counts():
     """The value-gradient scatter is partitioned by (n, m), not by query: no races, so no dependence on threads."""
     inputs = make_inputs([(9, 11), (5, 6)], batch=2, num_queries=40, num_heads=3, dtype=torch.float32)
@@ -144,13 +159,143 @@ def test_backward_is_deterministic_across_thread_counts():
     before = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 4):
+        for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             results.append(torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, *inputs))
     finally:
         torch.set_num_threads(before)
-    for single, multi in zip(*results):
-        assert torch.equal(single, multi)
+    for multi in results[1:]:
+        for single, other in zip(results[0], multi):
+            assert torch.equal(single, other)
+
+
+@requires_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_values_read_only_off_the_map_do_not_leak(dtype: torch.dtype):
+    """A neighbour off the map reads as zero and takes no gradient, whatever value sits where its clamped index
+    points: here every point lies 1 to 1.5 pixels left of its level (pixel x in [-1.5, -1)), so both its x
+    neighbours are off the map, and column 0, where they are clamped to, holds inf and NaN."""
+    value, shapes, starts, loc, weights = make_inputs([(4, 5), (3, 3)], batch=1, num_queries=6, dtype=dtype)
+    widths = shapes[:, 1].to(dtype).view(1, 1, 1, -1, 1)
+    pixel_x = -1.5 + 0.5 * torch.rand(loc.shape[:-1], generator=torch.Generator().manual_seed(1), dtype=dtype)
+    loc[..., 0] = (pixel_x + 0.5) / widths
+    for (height, width), start in zip(shapes.tolist(), starts.tolist()):
+        column0 = start + width * torch.arange(height)
+        value[:, column0[0::2]] = float("inf")
+        value[:, column0[1::2]] = float("nan")
+    grad_out = torch.randn(1, 6, value.shape[2] * value.shape[3], dtype=dtype)
+    out = ms_deform_attn(value, shapes, starts, loc, weights)
+    grads = torch.ops.sparse_detr.ms_deform_attn_backward(grad_out, value, shapes, starts, loc, weights)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, weights), rtol=0, atol=0)
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# The instruction-set levels of the CPU kernels: SPARSE_DETR_CPU_ISA's values and what _C.cpu_isa() reports.
+CPU_ISA_LEVELS = {"v4": "x86-64-v4", "v3": "x86-64-v3", "default": "default"}
+
+# Runs in a fresh interpreter with SPARSE_DETR_CPU_ISA set (it is read once per process). It loads the extension
+# file itself, not the sparse_detr package, which imports much more. argv: the extension, then optionally a file
+# of cases (inputs, grad_output) to run the ops on (results into the file after it), else it prints cpu_isa().
+_ISA_CHILD = """
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+_C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_C)
+ops = torch.ops.sparse_detr
+if len(sys.argv) > 2:
+    results = [[ops.ms_deform_attn(*x), *ops.ms_deform_attn_backward(g, *x)] for x, g in torch.load(sys.argv[2])]
+    torch.save({"isa": _C.cpu_isa(), "results": results}, sys.argv[3])
+else:
+    print(_C.cpu_isa())
+"""
+
+
+def _run_with_cpu_isa(isa: Optional[str], *args: str) -> subprocess.CompletedProcess:
+    """_ISA_CHILD with SPARSE_DETR_CPU_ISA = `isa` (unset for None)."""
+    env = {k: v for k, v in os.environ.items() if k != "SPARSE_DETR_CPU_ISA"}
+    if isa is not None:
+        env["SPARSE_DETR_CPU_ISA"] = isa
+    command = [sys.executable, "-c", _ISA_CHILD, sparse_detr._C.__file__, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def reference_grads(inputs: Inputs, grad_out: Tensor) -> List[Tensor]:
+    """Gradients of the grid_sample reference with respect to value, sampling_locations and attention_weights."""
+    leaves = [t.detach().clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
+    ms_deform_attn_pytorch(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2]).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+@pytest.fixture(scope="module")
+def isa_cases(tmp_path_factory) -> Tuple[Path, List[Tuple[float, List[Tensor]]]]:
+    """Every shape case in float64 and float32, saved for the child processes, with the tolerance and the float64
+    reference (forward and the three gradients) of each: for float32 computed from its inputs rounded to float32,
+    so that what is compared is the kernel's arithmetic."""
+    cases, expected = [], []
+    for case in sorted(SHAPE_CASES):
+        exact = make_inputs(**SHAPE_CASES[case])
+        g = torch.Generator().manual_seed(1)
+        grad_out = torch.randn(exact[3].shape[:2] + (exact[0].shape[2] * exact[0].shape[3],), generator=g).double()
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            inputs = [t.to(dtype) if t.is_floating_point() else t for t in exact]
+            cases.append((inputs, grad_out.to(dtype)))
+            ref_inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+            ref_grad_out = grad_out.to(dtype).double()
+            ref = [ms_deform_attn_pytorch(*ref_inputs), *reference_grads(ref_inputs, ref_grad_out)]
+            expected.append((tol, ref))
+    path = tmp_path_factory.mktemp("cpu_isa") / "inputs.pt"
+    torch.save(cases, path)
+    return path, expected
+
+
+@pytest.fixture(scope="module")
+def best_cpu_isa() -> str:
+    """The level the CPU kernels pick when SPARSE_DETR_CPU_ISA is unset: the CPU's best one this build has."""
+    done = _run_with_cpu_isa(None)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@requires_op
+@pytest.mark.parametrize("isa", list(CPU_ISA_LEVELS))
+def test_cpu_isa_level_matches_reference_or_is_refused(isa: str, isa_cases, best_cpu_isa: str, tmp_path: Path):
+    """SPARSE_DETR_CPU_ISA forces a level: each one the CPU supports runs, reports itself and matches the reference
+    (float64 to 1e-10, float32 to 1e-5 of each tensor's scale); one above the CPU's best is refused, naming the
+    variable and that best level."""
+    levels = list(CPU_ISA_LEVELS.values())
+    assert best_cpu_isa in levels
+    inputs_path, expected = isa_cases
+    done = _run_with_cpu_isa(isa, str(inputs_path), str(tmp_path / "results.pt"))
+    if levels.index(CPU_ISA_LEVELS[isa]) < levels.index(best_cpu_isa):
+        best_value = next(value for value, name in CPU_ISA_LEVELS.items() if name == best_cpu_isa)
+        assert done.returncode != 0
+        message = f"ValueError: ms_deform_attn: SPARSE_DETR_CPU_ISA={isa} asks for the {CPU_ISA_LEVELS[isa]} kernels"
+        assert message in done.stderr
+        assert f"is {best_cpu_isa} (SPARSE_DETR_CPU_ISA={best_value})" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    ran = torch.load(tmp_path / "results.pt")
+    assert ran["isa"] == CPU_ISA_LEVELS[isa]
+    assert len(ran["results"]) == len(expected)
+    for ours, (tol, ref) in zip(ran["results"], expected):
+        for got, want in zip(ours, ref):
+            # Location gradients scale with the map size: compare relative to each tensor's scale.
+            scale = want.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol, atol=tol)
+
+
+@requires_op
+def test_cpu_isa_rejects_an_unknown_level(isa_cases, tmp_path: Path):
+    """Both the kernels and cpu_isa() raise, rather than fall back to some level."""
+    message = "ValueError: ms_deform_attn: SPARSE_DETR_CPU_ISA must be v4, v3 or default (or unset: the CPU's best"
+    for args in ((str(isa_cases[0]), str(tmp_path / "results.pt")), ()):
+        done = _run_with_cpu_isa("avx2", *args)
+        assert done.returncode != 0
+        assert message in done.stderr and "got 'avx2'" in done.stderr
+        assert not (tmp_path / "results.pt").exists()
 
 
 def _bad(**changes) -> Inputs:
@@ -401,9 +546,31 @@ def _op_on_cpu(op: "torch._ops.OpOverloadPacket", *args):
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_python_path(case: str, fallback_op: ModuleType):
+def test_bad_input_fallback_raises_or_computes_what_it_reads(case: str, fallback_op: ModuleType):
+    """Without the extension the pure-PyTorch path checks nothing itself: PyTorch's ops reject what it cannot compute,
+    and what they let through computes what the valid inputs do (e.g. level_start_index, which the reference does
+    not read, or attention weights of one more unit dim) -- never a wrong answer."""
+    changes, _, _ = BAD_INPUTS[case]
+    altered = _bad(**changes)
+    try:
+        out = fallback_op.ms_deform_attn(*altered)
+    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError):
+        return
+    # what it read: the altered values (e.g. weights rounded to float16) in the valid layout and dtype
+    read = [a.to(v.dtype).reshape(v.shape) if a.is_floating_point() else v for a, v in zip(altered, _bad())]
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*read), check_dtype=False)
+
+
+@requires_op
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_python_wrapper_and_cuda_check(case: str):
+    """ms_deform_attn raises what the op raises (it is the op's check), and `_C.check_inputs`, which the wrapper
+    runs before an eager CUDA call, raises the same: one specification, written in C++."""
     changes, exc, message = BAD_INPUTS[case]
-    assert _raised(fallback_op.ms_deform_attn, *_bad(**changes)) == (exc, f"ms_deform_attn: {message}")
+    inputs = _bad(**changes)
+    assert _raised(sparse_detr._C.check_inputs, *inputs) == (exc, f"ms_deform_attn: {message}")
+    if not any(t.is_meta for t in inputs):  # a meta tensor picks the fake kernel (see _op_on_cpu)
+        assert _raised(ms_deform_attn, *inputs) == (exc, f"ms_deform_attn: {message}")
 
 
 @requires_op
@@ -421,15 +588,13 @@ def test_bad_input_compiled_op(case: str):
 
 
 @requires_op
-def test_not_a_tensor():
-    """Rule 0: Python checks it itself, in C++ the op's schema does (in its own words)."""
-    inputs = _bad(attention_weights=Tensor.tolist)
-    assert _raised(ms_deform_attn, *inputs) == (
-        TypeError,
-        "ms_deform_attn: attention_weights must be a Tensor, got list",
-    )
-    exc, message = _raised(torch.ops.sparse_detr.ms_deform_attn, *inputs)
-    assert exc is RuntimeError and "Expected a value of type 'Tensor' for argument 'attention_weights'" in message
+@pytest.mark.parametrize("name", ["value", "attention_weights"])
+def test_not_a_tensor(name: str):
+    """Rule 0: the op's schema names the argument."""
+    inputs = _bad(**{name: Tensor.tolist})
+    for fn in (ms_deform_attn, torch.ops.sparse_detr.ms_deform_attn):
+        exc, message = _raised(fn, *inputs)
+        assert exc is RuntimeError and f"Expected a value of type 'Tensor' for argument '{name}'" in message
 
 
 @requires_op

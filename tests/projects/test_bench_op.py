@@ -38,6 +38,7 @@ def test_one_short_run(tmp_path, capsys):
     report = main([*argv, "--json", str(path)])
     (row,) = report.rows
     assert row["call"] == "decoder" and row["Lq"] == 300 and row["device, dtype"] == "cpu, float32"
+    assert row["kernels"] in ("x86-64-v4", "x86-64-v3", "default")  # the CPU kernels' instruction-set level
     for phase in ("forward", "forward_backward"):
         assert set(row[f"{phase}_ms"]) == {"reference", "op"} and min(row[f"{phase}_ms"].values()) > 0
     assert row["fwd speed-up"].endswith("x")

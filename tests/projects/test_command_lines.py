@@ -107,6 +107,8 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
         "convert_scrl to .pth": ["convert_scrl.py", str(workdir / "a.pth"), str(workdir / "b.pth")],
         # the table trains for hours: its own check of the variants, before anything runs
         "convergence": ["convergence.py", "--skip-training", "--variants", "dam", "dino"],
+        # the web page starts only with the weights it is to show (it is served in tests/projects/test_app_browser.py)
+        "app without its weights": ["app.py", "--config-file", SMOKE, "MODEL.WEIGHTS", str(workdir / "missing.pth")],
     }
 
 
@@ -170,3 +172,9 @@ def test_converters(runs):
 def test_convergence(runs):
     out = _output(runs, "convergence", ok=False)
     assert "--variants: ['dino']; choose from ['dam', 'foreground', 'salience', 'dam_dn', 'recipe']" in out
+
+
+def test_app_names_missing_weights(runs, workdir):
+    out = _output(runs, "app without its weights", ok=False)
+    assert f"app.py: error: MODEL.WEIGHTS {workdir / 'missing.pth'}: no such file" in out
+    assert "Traceback" not in out
