@@ -140,6 +140,44 @@ def _add_model_config(cfg: CN) -> None:
     # channels_last (sparse_detr.modeling.fast_inference): the same outputs to float rounding, faster on CPUs.
     S.FAST_INFERENCE = True
 
+    # Beyond the paper: what later work on Sparse DETR's sparse encoder (Focus-DETR, Salience-DETR) and DINO train
+    # with, each a switch that is off by default (the paper's model; projects/SparseDETR/README.md, "Training
+    # switches beyond the paper"; the convergence table in BENCHMARKS.md).
+    # The target of the scoring network (RHO > 0), weighted by MASK_PREDICTION_COEF:
+    #   "dam": the paper's: the top-rho tokens of the decoder's cross-attention map (multi-label soft-margin loss);
+    #   "foreground": Focus-DETR's: 1 on a token whose centre lies inside a box whose size suits the token's level
+    #     (SCORE_LEVEL_BOUNDS), else 0 (focal loss, alpha 0.25, gamma 2; Focus-DETR weighs it 1.5);
+    #   "salience": Salience-DETR's: those tokens get 1 - (distance to the box centre in half-box units) / 2, a soft
+    #     target the same for every box size (focal-weighted cross-entropy; Salience-DETR weighs it 2.0).
+    # The last two read only the boxes: the decoder-attention map is not built (less work per training step).
+    S.SCORE_TARGET = "dam"
+    # ("foreground", "salience") A token of level l is assigned to a box containing its centre when its largest
+    # distance to the box's edges, max(l, t, r, b) in input pixels, is in (bound[l-1], bound[l]] (level 0 from -1,
+    # the last level to infinity): NUM_FEATURE_LEVELS - 1 increasing bounds. FCOS's and Focus-DETR's, for strides
+    # 8..64 on images of about 800 pixels; scale them with the image size.
+    S.SCORE_LEVEL_BOUNDS = [64.0, 128.0, 256.0]
+    # (TWO_STAGE) DINO's mixed query selection: the decoder queries' position embedding from the top-k proposals'
+    # boxes (as two-stage), their content learned (transformer.tgt_embed, NUM_QUERIES x HIDDEN_DIM, shared by the
+    # images). Excludes EFF_QUERY_INIT (whose content is the proposals' encoder features).
+    S.MIXED_QUERY_SELECTION = False
+    # (WITH_BOX_REFINE or TWO_STAGE) DINO's look-forward-twice: a decoder layer's box loss also trains the previous
+    # layer's box refinement (the refined box is detached only for the next layer's input). Same forward values.
+    S.LOOK_FORWARD_TWICE = False
+    # (TWO_STAGE) DINO's contrastive denoising in training: groups of noised ground-truth boxes and labels decoded
+    # beside the matching queries, positives reconstructing their box and class, negatives (noised further) trained
+    # as "no object"; losses loss_{ce,bbox,giou}_dn (and _dn_{i} per decoder layer with AUX_LOSS) with the weights of
+    # the matching queries' losses. The matching queries never see them; nothing of it runs at inference. Adds
+    # dn_label_embed (NUM_CLASSES x HIDDEN_DIM), re-initialized when fine-tuning to another NUM_CLASSES.
+    S.DN = CN()
+    S.DN.ENABLED = False
+    # DINO's dn_number: positive queries per image at most (groups of every target: 100 // most targets of an image
+    # in the batch, at least one group), and as many negatives.
+    S.DN.NUMBER = 100
+    # Share of the labels re-drawn from all classes is half of it, as DINO's dn_label_noise_ratio.
+    S.DN.LABEL_NOISE_RATIO = 0.5
+    # lambda: positives' corners move by less than lambda half-sizes of their box, negatives' by [lambda, 2 lambda).
+    S.DN.BOX_NOISE_SCALE = 1.0
+
 
 def _add_swin_config(cfg: CN) -> None:
     cfg.MODEL.SWIN = CN()

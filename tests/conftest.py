@@ -12,6 +12,7 @@ import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import Boxes, Instances
+from paper_variants import set_sparse_detr_keys
 
 import sparse_detr.config
 from sparse_detr import add_sparse_detr_config
@@ -32,7 +33,7 @@ def one_thread():
 @pytest.fixture
 def tiny_cfg() -> Callable[..., CfgNode]:
     """``make(**sparse_detr)``: detectron2 ResNet-18, 32-dim transformer, 5 classes, on the CPU; keyword arguments
-    set ``MODEL.SPARSE_DETR`` keys."""
+    set ``MODEL.SPARSE_DETR`` keys (a dict sets keys of a sub-node, e.g. ``DN=dict(ENABLED=True)``)."""
 
     def make(**sparse_detr) -> CfgNode:
         cfg = get_cfg()
@@ -53,8 +54,7 @@ def tiny_cfg() -> Callable[..., CfgNode]:
         S.ENC_N_POINTS = 2
         S.DEC_N_POINTS = 2
         S.NUM_DETECTIONS = 20
-        for key, value in sparse_detr.items():
-            setattr(S, key, value)
+        set_sparse_detr_keys(cfg, sparse_detr)
         return cfg
 
     return make

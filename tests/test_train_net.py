@@ -136,10 +136,14 @@ def logged_losses(path):
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_exactly(datasets_root, tmp_path):
+@pytest.mark.parametrize("switches", ["paper", "recipe"])
+def test_killed_runs_resume_exactly(switches, datasets_root, tmp_path):
     """SIGKILL after a checkpoint, then --resume: every iteration logs the losses of the uninterrupted run, bit for
     bit, whether the data is read in the main process or in a worker (the CPU, one thread: deterministic). The
-    optimizer, the scheduler and the data position come back from the checkpoint."""
+    optimizer, the scheduler and the data position come back from the checkpoint. "recipe": the switches beyond the
+    paper, whose denoising queries draw their noise at every step."""
+    from convergence import VARIANTS
+
     max_iter = 12
     # lr drops x0.1 at iteration 4: a scheduler restarted from scratch would be back at 2e-4.
     common = [
@@ -154,6 +158,8 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
         "SOLVER.MAX_ITER",
         str(max_iter),
     ]
+    if switches == "recipe":
+        common += VARIANTS["recipe"][1]
     runs = {"uninterrupted": 0, "killed_w0": 0, "killed_w1": 1}  # name: DATALOADER.NUM_WORKERS
 
     def start(name, *extra):
@@ -185,6 +191,7 @@ def test_killed_runs_resume_exactly(datasets_root, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
     reference = dict(logged_losses(tmp_path / "uninterrupted.jsonl"))
     assert sorted(reference) == list(range(max_iter))
+    assert ("loss_ce_dn" in reference[0]) == (switches == "recipe")
 
     resumed = {}
     for name in ["killed_w0", "killed_w1"]:

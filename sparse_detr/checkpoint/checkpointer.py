@@ -27,7 +27,8 @@ class SparseDetrCheckpointer(DetectionCheckpointer):
     - A tensor whose shape differs from the model's is an error naming it and both shapes, where detectron2 skips
       it with a warning. Except with ``fine_tune``, when ``MODEL.WEIGHTS`` is loaded (not when a run is resumed):
       class heads trained for another number of classes are not loaded and stay as a new model builds them (bias
-      at the prior probability), with one log line that says so.
+      at the prior probability), with one log line that says so; so does every other table of one row per class
+      that the model names (``class_indexed_modules()``: the denoising label embedding).
 
     Args:
         model, save_dir, checkpointables: as ``DetectionCheckpointer``'s.
@@ -102,10 +103,11 @@ class SparseDetrCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)  # loads what fits, lists the tensors of other shapes
         heads = getattr(self.model, "heads", None)
         class_heads = set(heads.class_head_names()) if isinstance(heads, DetectionHeads) else set()
+        per_class = class_heads | set(getattr(self.model, "class_indexed_modules", lambda: [])())
         refit = [
             (key, saved, wanted)
             for key, saved, wanted in incompatible.incorrect_shapes
-            if key.rsplit(".", 1)[0] in class_heads and saved[1:] == wanted[1:]
+            if key.rsplit(".", 1)[0] in per_class and saved[1:] == wanted[1:]
         ]
         others = len(incompatible.incorrect_shapes) - len(refit)
         if incompatible.incorrect_shapes and (others or not self._fit_class_heads):
@@ -129,10 +131,16 @@ class SparseDetrCheckpointer(DetectionCheckpointer):
             keys = {key for key, _, _ in refit}
             incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in keys]
             incompatible.incorrect_shapes.clear()
-            names = sorted({key.rsplit(".", 1)[0] for key in keys}, key=lambda n: int(n.rsplit(".", 1)[1]))
+            modules = {key.rsplit(".", 1)[0] for key in keys}
+            names = sorted(modules & class_heads, key=lambda n: int(n.rsplit(".", 1)[1]))
+            tables = sorted(modules - class_heads)
+            parts = [f"class heads {', '.join(names)}"] if names else []
+            if tables:
+                parts.append(f"{', '.join(tables)} (one row per class)")
+            what = " and ".join(parts)
+            prior = f" (bias at the prior probability {PRIOR_PROB})" if names else ""
             self.logger.info(
-                f"Fine-tuning: class heads {', '.join(names)} not loaded from {self._loading}: they score "
-                f"{refit[0][1][0]} classes there and MODEL.SPARSE_DETR.NUM_CLASSES is {refit[0][2][0]}; they start "
-                f"as a new model's (bias at the prior probability {PRIOR_PROB})"
+                f"Fine-tuning: {what} not loaded from {self._loading}: they score {refit[0][1][0]} classes there "
+                f"and MODEL.SPARSE_DETR.NUM_CLASSES is {refit[0][2][0]}; they start as a new model's{prior}"
             )
         return incompatible

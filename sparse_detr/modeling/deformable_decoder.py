@@ -1,10 +1,11 @@
 """Deformable decoder: query self-attention, deformable cross-attention to the encoder memory, optional iterative
-box refinement."""
+box refinement (optionally with DINO's look-forward-twice gradients)."""
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..layers.box_ops import apply_box_delta
@@ -22,9 +23,10 @@ class DecoderOutput:
 
     Attributes:
         hs: [num_layers, N, Q, C] output of every layer.
-        references: per layer, the reference it got, [N, Q, 2] points or [N, Q, 4] boxes, normalized by the valid
-            image area (its box predictions are deltas on it); point references become boxes after the first
-            refinement.
+        references: per layer, the reference its box predictions are deltas on, [N, Q, 2] points or [N, Q, 4]
+            boxes, normalized by the valid image area: the reference the layer got (point references become boxes
+            after the first refinement). With look-forward-twice the same values, but a refined box keeps its
+            gradient to the layer that refined it (the layers themselves got it detached).
         sampling_locations: per layer [N, Q, M, L, P, 2] of its cross-attention (Sparse DETR's DAM is built from
             them and the attention weights).
         attention_weights: per layer [N, Q, M, L, P].
@@ -34,6 +36,18 @@ class DecoderOutput:
     references: List[Tensor]
     sampling_locations: List[Tensor]
     attention_weights: List[Tensor]
+
+    def split(self, num_first: int) -> Tuple["DecoderOutput", "DecoderOutput"]:
+        """The outputs of the first `num_first` queries and of the others (e.g. denoising and matching queries)."""
+
+        def parts(xs: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+            return [x[:, :num_first] for x in xs], [x[:, num_first:] for x in xs]
+
+        (ref_a, ref_b), (loc_a, loc_b), (w_a, w_b) = map(
+            parts, (self.references, self.sampling_locations, self.attention_weights)
+        )
+        first = DecoderOutput(self.hs[:, :, :num_first], ref_a, loc_a, w_a)
+        return first, DecoderOutput(self.hs[:, :, num_first:], ref_b, loc_b, w_b)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -64,6 +78,7 @@ class DeformableDecoderLayer(nn.Module):
         reference_points: Tensor,
         memory: Union[Tensor, UnprojectedValue],
         levels: FlatLevels,
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -72,12 +87,14 @@ class DeformableDecoderLayer(nn.Module):
             reference_points: [N, Q, L, 2 or 4] in each level's padded frame.
             memory: [N, S, C] encoder output (or as an :class:`UnprojectedValue`, see :class:`MSDeformAttn`).
             levels: the layout of the memory's tokens (shapes, start indices, padding mask).
+            self_attn_mask: [Q, Q] bool, True where query (row) must not attend to query (column); None: all
+                attend to all.
         Returns:
             tgt: [N, Q, C]
             sampling_locations: [N, Q, M, L, P, 2], attention_weights: [N, Q, M, L, P] of the cross-attention.
         """
         q = (tgt + query_pos).transpose(0, 1)
-        attn = self.self_attn(q, q, tgt.transpose(0, 1))[0].transpose(0, 1)
+        attn = self.self_attn(q, q, tgt.transpose(0, 1), attn_mask=self_attn_mask)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(attn))
 
         attn, sampling_locations, attention_weights = self.cross_attn(
@@ -95,10 +112,27 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableDecoder(LayerStack):
-    """A stack of :class:`DeformableDecoderLayer` (constructor: see :class:`LayerStack`)."""
+    """A stack of :class:`DeformableDecoderLayer`.
+
+    Args:
+        look_forward_twice: (with box refinement) DINO's look-forward-twice: each layer still gets the previous
+            layer's refined box detached, but its predictions are deltas on the undetached box, so a layer's box
+            loss also trains the previous layer's box head and its queries (MODEL.SPARSE_DETR.LOOK_FORWARD_TWICE).
+            Forward values are the same either way; only gradients differ.
+        the others: see :class:`LayerStack`.
+    """
 
     layer_type = DeformableDecoderLayer
     config_prefix = "DEC"
+
+    @configurable
+    def __init__(self, num_layers: int, *, look_forward_twice: bool = False, **layer_args):
+        super().__init__(num_layers, **layer_args)
+        self.look_forward_twice = look_forward_twice
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {**super().from_config(cfg), "look_forward_twice": cfg.MODEL.SPARSE_DETR.LOOK_FORWARD_TWICE}
 
     def forward(
         self,
@@ -109,6 +143,7 @@ class DeformableDecoder(LayerStack):
         levels: FlatLevels,
         bbox_heads: Optional[Sequence[nn.Module]] = None,
         sample_then_project: bool = False,
+        self_attn_mask: Optional[Tensor] = None,
     ) -> DecoderOutput:
         """
         Args:
@@ -122,22 +157,29 @@ class DeformableDecoder(LayerStack):
             sample_then_project: the cross-attention samples the memory before projecting it (an
                 :class:`UnprojectedValue` built once for all layers): the same output with far fewer FLOPs, for
                 inference (training keeps the projection the reference computes).
+            self_attn_mask: [Q, Q] bool, True where query (row) must not attend to query (column), in every layer's
+                self-attention (the denoising queries' groups); None: all attend to all.
         """
         if sample_then_project:
             memory = UnprojectedValue.of(memory, levels.padding_mask)
         valid_ratios = levels.valid_ratios
         hs, references, sampling_locations, attention_weights = [], [], [], []
         output = tgt
+        # the reference the predictions are deltas on: the layer's own, or with look-forward-twice the same box
+        # before it was detached
+        prediction_reference = reference_points
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
-            references.append(reference_points)
-            output, locations, weights = layer(output, query_pos, ref_input, memory, levels)
+            references.append(prediction_reference)
+            output, locations, weights = layer(output, query_pos, ref_input, memory, levels, self_attn_mask)
             hs.append(output)
             sampling_locations.append(locations)
             attention_weights.append(weights)
             if bbox_heads is not None:
-                reference_points = apply_box_delta(bbox_heads[lid](output), reference_points).sigmoid().detach()
+                refined = apply_box_delta(bbox_heads[lid](output), reference_points).sigmoid()
+                reference_points = refined.detach()
+                prediction_reference = refined if self.look_forward_twice else reference_points
         return DecoderOutput(torch.stack(hs), references, sampling_locations, attention_weights)

@@ -13,19 +13,62 @@ queries.
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from ..layers.box_ops import inverse_sigmoid
 from .structures import Target
 
-__all__ = ["DenoisingQueries", "build_denoising_queries", "denoising_match_indices"]
+__all__ = [
+    "DenoisingInput",
+    "DenoisingQueries",
+    "DenoisingSettings",
+    "build_denoising_queries",
+    "denoising_match_indices",
+]
 
 # DINO's inverse_sigmoid eps (util/misc.py), with which it turns the noised boxes into the decoder's references
 DINO_LOGIT_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class DenoisingSettings:
+    """How a model draws its denoising queries (MODEL.SPARSE_DETR.DN): the arguments of
+    :func:`build_denoising_queries` that do not change between batches."""
+
+    number: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+
+    def __post_init__(self):
+        # checked once here, with the config keys named, rather than at the first training step
+        for key, ok, rule in (
+            ("NUMBER", self.number >= 1, ">= 1"),
+            ("LABEL_NOISE_RATIO", 0.0 <= self.label_noise_ratio <= 1.0, "in [0, 1]"),
+            ("BOX_NOISE_SCALE", self.box_noise_scale >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"MODEL.SPARSE_DETR.DN.{key} must be {rule}, got {getattr(self, key.lower())}")
+
+
+class DenoisingInput(NamedTuple):
+    """Denoising queries as the decoder takes them, in front of its Q matching queries.
+
+    content: [N, Q_dn, C] the embeddings of the noised labels; zero on padding (DINO's zero vector).
+    references: [N, Q_dn, 4] the noised boxes as reference boxes, normalized cxcywh strictly inside (0, 1): DINO's
+        logit form (:meth:`DenoisingQueries.unactivated_boxes`) back through the sigmoid, so a zero width becomes a
+        small positive one.
+    self_attn_mask: [Q_dn + Q, Q_dn + Q] bool, True = blocked (:attr:`DenoisingQueries.attn_mask`). With fewer
+        matching queries than Q (an image of fewer tokens), its top-left square is the mask for them: the matching
+        queries come last and are all alike.
+    """
+
+    content: Tensor
+    references: Tensor
+    self_attn_mask: Tensor
 
 
 @dataclass
@@ -73,6 +116,13 @@ class DenoisingQueries:
     def split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """x: [N, Q_dn + Q, ...], the decoder's output on all queries -> ([N, Q_dn, ...], [N, Q, ...])."""
         return x[:, : self.num_queries], x[:, self.num_queries :]
+
+    def decoder_input(self, label_embed: nn.Embedding) -> DenoisingInput:
+        """The queries for the decoder, their content embedded by `label_embed` (num_classes rows: the padding
+        label num_classes is never looked up; its queries get a zero vector)."""
+        labels = self.labels.masked_fill(~self.valid, 0)
+        content = label_embed(labels) * self.valid[..., None].to(label_embed.weight.dtype)
+        return DenoisingInput(content, self.unactivated_boxes().sigmoid(), self.attn_mask)
 
 
 def _check_arguments(

@@ -1,6 +1,6 @@
 """`SparseDETR`: Deformable DETR, Efficient DETR and Sparse DETR as one detectron2 meta-architecture."""
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -10,7 +10,15 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .criterion import LossInputs, SetCriterion
+from .criterion import DenoisingPredictions, LossInputs, SetCriterion
+from .deformable_decoder import DecoderOutput
+from .denoising import (
+    DenoisingInput,
+    DenoisingQueries,
+    DenoisingSettings,
+    build_denoising_queries,
+    denoising_match_indices,
+)
 from .heads import DetectionHeads, HeadLayout
 from .levels import size_min, valid_sizes
 from .neck import MultiLevelNeck, check_in_features
@@ -27,7 +35,9 @@ class SparseDETR(nn.Module):
     The backbone maps in `in_features` go through the neck (:class:`MultiLevelNeck`: projections to the
     transformer's levels, masks, position embeddings) into the transformer. The variant is the transformer's
     (two-stage, Efficient DETR query init, Sparse DETR's keeping ratio and scoring network), plus the heads' layout
-    chosen here (box refinement, the encoder aux loss, Efficient DETR's class-specific proposal head).
+    chosen here (box refinement, the encoder aux loss, Efficient DETR's class-specific proposal head). Beyond the
+    paper, training may add DINO's contrastive denoising queries (`denoising`); the criterion's target of the
+    scoring network and the transformer's query selection and decoder gradients are switches of their own.
 
     Training returns the weighted losses (detectron2 sums every value); class error, cardinality error and the
     DAM correlation go to the current EventStorage. Inference returns `[{"instances": Instances}]` with
@@ -57,6 +67,7 @@ class SparseDETR(nn.Module):
         use_enc_aux_loss: bool = False,
         eff_specific_head: bool = False,
         num_detections: int = 100,
+        denoising: Optional[DenoisingSettings] = None,
     ):
         """
         Args:
@@ -74,6 +85,8 @@ class SparseDETR(nn.Module):
                 selected tokens; with a dense encoder, rho = 0, all tokens, as the reference allows); training only.
             eff_specific_head: (two-stage) Efficient DETR's class-specific proposal head (see :class:`HeadLayout`).
             num_detections: detections kept per image (top-k over queries x classes).
+            denoising: (two-stage) train with DINO's contrastive denoising queries, drawn as these settings say
+                (adds `dn_label_embed`, one row per class); None: without. Inference never runs them.
         """
         super().__init__()
         check_in_features(in_features, backbone.output_shape())
@@ -91,6 +104,21 @@ class SparseDETR(nn.Module):
             raise ValueError(
                 f"num_classes ({num_classes}) and the criterion's num_classes ({criterion.num_classes}) differ "
                 "(both are MODEL.SPARSE_DETR.NUM_CLASSES from a config)"
+            )
+        if denoising is not None and not transformer.two_stage:
+            raise ValueError(
+                "denoising (MODEL.SPARSE_DETR.DN.ENABLED) needs two_stage (MODEL.SPARSE_DETR.TWO_STAGE): the "
+                "denoising queries' references are boxes, as the two-stage queries'"
+            )
+        if transformer.decoder.look_forward_twice and not (with_box_refine or transformer.two_stage):
+            raise ValueError(
+                "look-forward-twice (MODEL.SPARSE_DETR.LOOK_FORWARD_TWICE) needs box refinement "
+                "(MODEL.SPARSE_DETR.WITH_BOX_REFINE or TWO_STAGE): it changes the gradients of refined boxes"
+            )
+        if criterion.score_target != "dam" and not transformer.has_scoring_network:
+            raise ValueError(
+                f"the scoring network's target (MODEL.SPARSE_DETR.SCORE_TARGET) {criterion.score_target!r} needs a "
+                "scoring network (MODEL.SPARSE_DETR.RHO > 0)"
             )
 
         self.backbone = backbone
@@ -123,6 +151,10 @@ class SparseDETR(nn.Module):
         # registered under the reference's names, which checkpoints pin
         self.class_embed = heads.class_embed
         self.bbox_embed = heads.bbox_embed
+        self.denoising = denoising
+        if denoising is not None:
+            # DINO's label_enc: the content of a denoising query is its (noised) label's embedding
+            self.dn_label_embed = nn.Embedding(num_classes, transformer.d_model)
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
@@ -146,12 +178,20 @@ class SparseDETR(nn.Module):
             "use_enc_aux_loss": S.USE_ENC_AUX_LOSS,
             "eff_specific_head": S.EFF_SPECIFIC_HEAD,
             "num_detections": S.NUM_DETECTIONS,
+            "denoising": (
+                DenoisingSettings(S.DN.NUMBER, S.DN.LABEL_NOISE_RATIO, S.DN.BOX_NOISE_SCALE) if S.DN.ENABLED else None
+            ),
         }
 
     @property
     def heads(self) -> DetectionHeads:
         """The detection heads by role: `.decoder`, `.proposal`, `.encoder_aux`."""
         return DetectionHeads(self.class_embed, self.bbox_embed, self.head_layout)
+
+    def class_indexed_modules(self) -> List[str]:
+        """Names of the modules whose parameters have one row per class: the class heads of every index, and the
+        denoising label embedding. Fine-tuning to another number of classes starts them anew."""
+        return self.heads.class_head_names() + (["dn_label_embed"] if self.denoising is not None else [])
 
     @property
     def rho(self) -> float:
@@ -226,8 +266,10 @@ class SparseDETR(nn.Module):
         return targets
 
     # ------------------------------------------------------------------------------------------------ model
-    def _run_transformer(self, images: ImageList, features: Dict[str, Tensor]) -> TransformerOutput:
-        """features: the backbone's maps of `images.tensor`."""
+    def _run_transformer(
+        self, images: ImageList, features: Dict[str, Tensor], denoising: Optional[DenoisingInput] = None
+    ) -> TransformerOutput:
+        """features: the backbone's maps of `images.tensor`; denoising: queries decoded beside the others."""
         srcs, masks, pos = self.input_proj([features[f] for f in self.in_features], self.padding_mask(images))
         query_embed = None if self.transformer.two_stage else self.query_embed.weight
         return self.transformer(
@@ -239,12 +281,28 @@ class SparseDETR(nn.Module):
             refine_boxes=self.refine_boxes,
             enc_aux=self.training and self.head_layout.num_encoder_aux > 0,
             fast=not self.training and self.fast_inference,
+            denoising=denoising,
         )
 
-    def _decoder_predictions(self, out: TransformerOutput, layers: Sequence[int]) -> List[Prediction]:
+    def _decoder_predictions(self, decoder: DecoderOutput, layers: Sequence[int]) -> List[Prediction]:
         """The predictions of the given decoder layers."""
         heads = self.heads.decoder
-        return [heads[i].predict(out.decoder.hs[i], out.decoder.references[i]) for i in layers]
+        return [heads[i].predict(decoder.hs[i], decoder.references[i]) for i in layers]
+
+    def _denoising_queries(self, targets: List[Target]) -> DenoisingQueries:
+        """DINO's denoising queries of a training batch. Their noise is drawn from a generator seeded from torch's
+        global generator: the trainer seeds that at every step, so a resumed run draws the same noise."""
+        seed = int(torch.randint(2**62, ()))
+        settings = self.denoising
+        return build_denoising_queries(
+            targets,
+            num_classes=self.num_classes,
+            dn_number=settings.number,
+            label_noise_ratio=settings.label_noise_ratio,
+            box_noise_scale=settings.box_noise_scale,
+            num_matching_queries=self.num_queries,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
         """
@@ -259,9 +317,15 @@ class SparseDETR(nn.Module):
             return self._inference(batched_inputs)[0]
         images = self.preprocess_image(batched_inputs)
         targets = self.prepare_targets(batched_inputs)
-        out = self._run_transformer(images, self.backbone(images.tensor))
+        dn_queries = dn_input = None
+        if self.denoising is not None:
+            dn_queries = self._denoising_queries(targets)
+            if dn_queries.num_queries > 0:
+                dn_input = dn_queries.decoder_input(self.dn_label_embed)
+        out = self._run_transformer(images, self.backbone(images.tensor), dn_input)
         num_dec = self.head_layout.num_decoder_layers
-        preds = self._decoder_predictions(out, range(num_dec) if self.aux_loss else [num_dec - 1])
+        layers = range(num_dec) if self.aux_loss else [num_dec - 1]
+        preds = self._decoder_predictions(out.decoder, layers)
         inputs = LossInputs(
             final=preds[-1],
             decoder_aux=preds[:-1],
@@ -270,8 +334,21 @@ class SparseDETR(nn.Module):
             selection=out.selection,
             levels=out.levels,
             decoder=out.decoder,
+            image_sizes=images.image_sizes,
         )
+        if dn_queries is not None:
+            if out.denoising is None:
+                inputs.denoising = DenoisingPredictions(final=None)
+            else:
+                dn_preds = self._decoder_predictions(out.denoising, layers)
+                inputs.denoising = DenoisingPredictions(
+                    dn_preds[-1], dn_preds[:-1], denoising_match_indices(dn_queries), dn_queries.num_groups
+                )
         losses, metrics = self.criterion(inputs, targets)
+        if dn_queries is not None and out.denoising is None:
+            # a batch without targets has no denoising query: the label embedding joins the graph at zero cost, so
+            # that DDP (without find_unused_parameters) still finds its gradient, as DINO does
+            losses["loss_ce_dn"] = losses["loss_ce_dn"] + 0.0 * self.dn_label_embed.weight.sum()
         self._log_metrics(metrics)
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items()}
 
@@ -304,7 +381,7 @@ class SparseDETR(nn.Module):
             features: the backbone's maps of `images.tensor`.
         """
         out = self._run_transformer(images, features)
-        logits, boxes = self._decoder_predictions(out, [self.head_layout.num_decoder_layers - 1])[0]
+        logits, boxes = self._decoder_predictions(out.decoder, [self.head_layout.num_decoder_layers - 1])[0]
         return self.inference(logits, boxes, images.image_sizes), out
 
     def inference(self, logits: Tensor, boxes: Tensor, image_sizes: List[Tuple[int, int]]) -> List[Instances]:

@@ -34,6 +34,7 @@ from .structures import Target
 
 __all__ = [
     "FCOS_LEVEL_RANGES",
+    "level_ranges_from_bounds",
     "token_centres",
     "foreground_target",
     "salience_target",
@@ -46,6 +47,24 @@ __all__ = [
 FCOS_LEVEL_RANGES: Tuple[Tuple[float, float], ...] = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
 
 ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
+
+
+def level_ranges_from_bounds(bounds: Sequence[float], num_levels: int) -> Tuple[Tuple[float, float], ...]:
+    """The (lower, upper] ranges of `num_levels` levels from the upper bounds of all but the last: level 0 from -1,
+    level l from bounds[l - 1], the last one unbounded. (64, 128, 256) gives :data:`FCOS_LEVEL_RANGES`.
+
+    Raises:
+        ValueError: naming MODEL.SPARSE_DETR.SCORE_LEVEL_BOUNDS, unless there are num_levels - 1 increasing,
+            positive bounds.
+    """
+    bounds = [float(b) for b in bounds]
+    if len(bounds) != num_levels - 1 or any(b <= 0 for b in bounds) or sorted(set(bounds)) != bounds:
+        raise ValueError(
+            f"MODEL.SPARSE_DETR.SCORE_LEVEL_BOUNDS must hold {num_levels - 1} increasing positive bounds in pixels "
+            f"(one per level but the last, NUM_FEATURE_LEVELS = {num_levels}), got {bounds}"
+        )
+    lowers = [-1.0] + bounds
+    return tuple(zip(lowers, bounds + [math.inf]))
 
 
 def token_centres(levels: FlatLevels) -> Tensor:

@@ -2,8 +2,9 @@
 
 It takes the projected multi-level features and returns what its parts computed (:class:`TransformerOutput`); in
 between: flattening with level embeddings, the token selection by the scoring network (Sparse DETR), the (sparse)
-encoder, the two-stage proposals from the encoder output with top-k query initialization (Efficient DETR), and the
-decoder. The detection heads are owned by the meta-architecture and passed in (:class:`DetectionHeads`).
+encoder, the two-stage proposals from the encoder output with top-k query initialization (Efficient DETR, or DINO's
+mixed query selection), and the decoder, which may also take DINO's denoising queries in training. The detection
+heads are owned by the meta-architecture and passed in (:class:`DetectionHeads`).
 """
 
 import math
@@ -18,6 +19,7 @@ from ..layers.multi_scale_deform_attn import MSDeformAttn
 from ..layers.position_encoding import sine_embedding
 from .deformable_decoder import DecoderOutput, DeformableDecoder
 from .deformable_encoder import DeformableEncoder, gather_tokens
+from .denoising import DenoisingInput
 from .heads import DetectionHeads
 from .levels import FlatLevels, size_min, valid_sizes
 from .structures import Prediction
@@ -70,6 +72,8 @@ class TransformerOutput:
         selection: (Sparse DETR) the scoring network's scores and the tokens the encoder updated; None for a dense
             encoder.
         encoder_aux: (encoder aux loss) the predictions on the queries of every encoder layer but the last.
+        denoising: (training with denoising queries) the decoder's outputs on them; `decoder` then holds those of
+            the matching queries only. None without denoising queries.
     """
 
     levels: FlatLevels
@@ -77,11 +81,13 @@ class TransformerOutput:
     proposals: Optional[Prediction] = None
     selection: Optional[TokenSelection] = None
     encoder_aux: List[Prediction] = field(default_factory=list)
+    denoising: Optional[DecoderOutput] = None
 
 
 class DeformableTransformer(nn.Module):
-    """The transformer of every variant; the variant is chosen by `two_stage`, `eff_query_init` and `rho` (see the
-    arguments) and by the heads' layout passed to `forward` (how two-stage proposals are scored).
+    """The transformer of every variant; the variant is chosen by `two_stage`, `eff_query_init`,
+    `mixed_query_selection` and `rho` (see the arguments) and by the heads' layout passed to `forward` (how two-stage
+    proposals are scored).
 
     The encoder, the decoder and the scoring network are built outside and injected (`from_config` builds them from
     MODEL.SPARSE_DETR); the transformer initializes every parameter it holds as the reference does.
@@ -99,6 +105,7 @@ class DeformableTransformer(nn.Module):
         two_stage: bool = False,
         num_queries: int = 300,
         eff_query_init: bool = False,
+        mixed_query_selection: bool = False,
         rho: float = 0.0,
         test_rho: float = -1.0,
     ):
@@ -111,6 +118,10 @@ class DeformableTransformer(nn.Module):
             num_queries: decoder queries; the number of proposals kept in two-stage mode.
             eff_query_init: (two-stage) Efficient DETR: the queries' content is the proposals' encoder features,
                 their position embedding the proposals' box embedding.
+            mixed_query_selection: (two-stage) DINO's mixed query selection: the queries' position embedding is the
+                proposals' box embedding, their content learned (`tgt_embed`, one per query, shared by all images).
+                DINO recomputes the position embedding from the refined box in every decoder layer; here it stays
+                the one of the proposal box, as for every other variant of this model.
             rho: Sparse DETR's keeping ratio of encoder tokens in training, in [0, 1]; 0 = dense encoder. rho > 0
                 needs the scoring network and two_stage (it shares the encoder-output projection).
             test_rho: the keeping ratio at inference, <= 1; <= 0 means rho. Needs rho > 0.
@@ -138,7 +149,16 @@ class DeformableTransformer(nn.Module):
                 f"scoring_network: a sparse encoder (rho, MODEL.SPARSE_DETR.RHO > 0) needs one, a dense one has "
                 f"none; got rho = {rho} and {'a' if scoring_network is not None else 'no'} scoring network"
             )
-        for name, key, on in (("eff_query_init", "EFF_QUERY_INIT", eff_query_init), ("rho > 0", "RHO > 0", rho > 0)):
+        if eff_query_init and mixed_query_selection:
+            raise ValueError(
+                "eff_query_init (MODEL.SPARSE_DETR.EFF_QUERY_INIT) and mixed_query_selection "
+                "(MODEL.SPARSE_DETR.MIXED_QUERY_SELECTION) both set the queries' content: choose one"
+            )
+        for name, key, on in (
+            ("eff_query_init", "EFF_QUERY_INIT", eff_query_init),
+            ("mixed_query_selection", "MIXED_QUERY_SELECTION", mixed_query_selection),
+            ("rho > 0", "RHO > 0", rho > 0),
+        ):
             if on and not two_stage:
                 raise ValueError(
                     f"{name} (MODEL.SPARSE_DETR.{key}) needs two_stage (MODEL.SPARSE_DETR.TWO_STAGE): it works on "
@@ -149,6 +169,7 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.num_queries = num_queries
         self.eff_query_init = eff_query_init
+        self.mixed_query_selection = mixed_query_selection
         self.rho = rho
         self.test_rho = test_rho
 
@@ -161,10 +182,12 @@ class DeformableTransformer(nn.Module):
             # encoder tokens -> proposal features (shared with the scoring network's input)
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
-            # box embedding of the proposals -> query position (and content, without eff_query_init)
-            query_dim = d_model if eff_query_init else 2 * d_model
+            # box embedding of the proposals -> query position (and content, unless the content comes from elsewhere)
+            query_dim = d_model if eff_query_init or mixed_query_selection else 2 * d_model
             self.pos_trans = nn.Linear(2 * d_model, query_dim)
             self.pos_trans_norm = nn.LayerNorm(query_dim)
+            if mixed_query_selection:
+                self.tgt_embed = nn.Embedding(num_queries, d_model)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
@@ -181,6 +204,7 @@ class DeformableTransformer(nn.Module):
             "two_stage": S.TWO_STAGE,
             "num_queries": S.NUM_QUERIES,
             "eff_query_init": S.EFF_QUERY_INIT,
+            "mixed_query_selection": S.MIXED_QUERY_SELECTION,
             "rho": S.RHO,
             "test_rho": S.TEST_RHO,
         }
@@ -196,6 +220,8 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
+        if self.mixed_query_selection:
+            nn.init.normal_(self.tgt_embed.weight)  # DINO's initialization of its learned content queries
 
     @property
     def has_scoring_network(self) -> bool:
@@ -211,6 +237,13 @@ class DeformableTransformer(nn.Module):
         tokens = tokens.masked_fill(padding_mask[..., None] | ~proposal_valid, 0.0)
         return self.enc_output_norm(self.enc_output(tokens))
 
+    def _box_embedding(self, boxes: Tensor) -> Tensor:
+        """[N, Q, 4] normalized boxes -> [N, Q, query_dim] pos_trans of their sine embedding (position, then the
+        content where pos_trans makes it)."""
+        # 4 coordinates x d/2 features = 2d (the reference hard-codes 128 features, i.e. d = 256)
+        box_embed = sine_embedding(boxes * (2 * math.pi), self.d_model // 2).flatten(2)
+        return self.pos_trans_norm(self.pos_trans(box_embed))
+
     def forward(
         self,
         srcs: List[Tensor],
@@ -221,6 +254,7 @@ class DeformableTransformer(nn.Module):
         refine_boxes: bool = False,
         enc_aux: bool = False,
         fast: bool = False,
+        denoising: Optional[DenoisingInput] = None,
     ) -> TransformerOutput:
         """
         Args:
@@ -235,6 +269,9 @@ class DeformableTransformer(nn.Module):
             fast: (inference) the same outputs with less work: the decoder samples before projecting (see
                 :class:`MSDeformAttn`), and two-stage proposals get boxes only where they become queries (the
                 output's `proposals`, which only training reads, is then None).
+            denoising: (two-stage, training) DINO's denoising queries, decoded in front of the matching queries,
+                which never see them (the mask); their position embedding is their boxes', as the matching
+                queries'. Their outputs are the output's `denoising`.
         The encoder keeps the share `rho` of the tokens in training mode, `inference_rho` in eval mode.
         """
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
@@ -288,11 +325,12 @@ class DeformableTransformer(nn.Module):
                 proposal_predictions = Prediction(enc_class, enc_coord_unact.sigmoid())
                 topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
             reference_points = topk_coords_unact.sigmoid()
-            # 4 coordinates x d/2 features = 2d (the reference hard-codes 128 features, i.e. d = 256)
-            box_embed = sine_embedding(reference_points * (2 * math.pi), self.d_model // 2).flatten(2)
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(box_embed))
+            pos_trans_out = self._box_embedding(reference_points)
             if self.eff_query_init:
                 tgt = gather_tokens(memory, topk_proposals)
+                query_pos = pos_trans_out
+            elif self.mixed_query_selection:
+                tgt = self.tgt_embed.weight[:k][None].expand(N, -1, -1)
                 query_pos = pos_trans_out
             else:
                 query_pos, tgt = pos_trans_out.split(self.d_model, dim=2)
@@ -304,6 +342,26 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
 
+        num_denoising = 0 if denoising is None else denoising.content.shape[1]
+        self_attn_mask = None
+        if num_denoising:
+            if not self.two_stage:
+                raise ValueError(
+                    "denoising queries need two_stage (MODEL.SPARSE_DETR.TWO_STAGE): their references are boxes"
+                )
+            # the position part of the box embedding, as the matching queries'
+            tgt = torch.cat([denoising.content, tgt], 1)
+            query_pos = torch.cat([self._box_embedding(denoising.references)[..., : self.d_model], query_pos], 1)
+            reference_points = torch.cat([denoising.references, reference_points], 1)
+            num_all = tgt.shape[1]
+            if denoising.self_attn_mask.shape[0] < num_all:
+                raise ValueError(
+                    f"denoising.self_attn_mask is {tuple(denoising.self_attn_mask.shape)} for {num_all} queries "
+                    f"({num_denoising} denoising, {num_all - num_denoising} matching): build it for num_queries "
+                    f"({self.num_queries}) matching queries"
+                )
+            self_attn_mask = denoising.self_attn_mask[:num_all, :num_all]
+
         decoder = self.decoder(
             tgt,
             query_pos,
@@ -312,5 +370,9 @@ class DeformableTransformer(nn.Module):
             levels,
             bbox_heads=[head.box for head in heads.decoder] if refine_boxes else None,
             sample_then_project=fast,
+            self_attn_mask=self_attn_mask,
         )
-        return TransformerOutput(levels, decoder, proposal_predictions, selection, encoder_aux)
+        denoising_out = None
+        if num_denoising:
+            denoising_out, decoder = decoder.split(num_denoising)
+        return TransformerOutput(levels, decoder, proposal_predictions, selection, encoder_aux, denoising_out)

@@ -99,3 +99,21 @@ def test_a_model_prepared_for_inference_is_refused(tiny_cfg):
         assert FlopCountAnalysis(plain, inputs).total() > 0
         with pytest.raises(ValueError, match="prepared for inference"):
             FlopCountAnalysis(prepare_for_inference(plain), inputs)
+
+
+def test_training_switches_leave_the_counted_inference_path_alone(tiny_cfg):
+    """Denoising runs only in training and the scoring network's target only shapes its loss: the FLOPs counted on
+    the inference path are the paper's model's."""
+    from detectron2.modeling import build_model
+    from paper_variants import DAM_DN, FOREGROUND, SPARSE_DETR
+
+    from sparse_detr.analysis import random_input
+
+    inputs = [random_input(64, 96)]
+    counts = {}
+    for name, variant in (("sparse", SPARSE_DETR), ("dn", DAM_DN), ("foreground", FOREGROUND)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            flops = FlopCountAnalysis(build_model(tiny_cfg(**variant)).eval(), inputs)
+            counts[name] = (flops.total(), flops.by_module()["model.transformer.decoder"])
+    assert counts["sparse"][0] > 0 and counts["dn"] == counts["sparse"] == counts["foreground"]

@@ -98,6 +98,29 @@ def test_fine_tuning_reinitializes_only_the_class_heads(tiny_cfg, tmp_path, capl
     ]
 
 
+def test_fine_tuning_reinitializes_the_denoising_label_embedding_too(tiny_cfg, tmp_path, caplog):
+    """DINO's label embedding has one row per class: fine-tuned to another number of classes it starts anew as the
+    class heads do (a resumed run or an evaluation of other shapes stays an error)."""
+    from paper_variants import RECIPE
+
+    weights = str(tmp_path / "coco.pth")
+    torch.save({"model": _build(tiny_cfg(**RECIPE)).state_dict()}, weights)
+    torch.manual_seed(1)
+    fresh = build_model(tiny_cfg(NUM_CLASSES=3, **RECIPE))
+    new_embedding = fresh.dn_label_embed.weight.detach().clone()
+    caplog.set_level(logging.INFO)
+    SparseDetrCheckpointer(fresh, fine_tune=True).resume_or_load(weights, resume=False)
+    assert fresh.dn_label_embed.weight.shape == (3, 32) and torch.equal(fresh.dn_label_embed.weight, new_embedding)
+    messages = [r.getMessage() for r in caplog.records if "Fine-tuning" in r.getMessage()]
+    assert len(messages) == 1
+    assert messages[0].startswith("Fine-tuning: class heads class_embed.0, class_embed.1, class_embed.2, ")
+    assert " and dn_label_embed (one row per class) not loaded from " in messages[0]
+    assert "they score 5 classes there and MODEL.SPARSE_DETR.NUM_CLASSES is 3" in messages[0]
+
+    with pytest.raises(ValueError, match=r"dn_label_embed.weight: \(5, 32\) in the checkpoint, \(3, 32\) in the model"):
+        SparseDetrCheckpointer(build_model(tiny_cfg(NUM_CLASSES=3, **RECIPE))).resume_or_load(weights, resume=False)
+
+
 @pytest.mark.parametrize("fine_tune", [True, False])
 def test_other_shapes_are_errors(tiny_cfg, tmp_path, fine_tune):
     weights = str(tmp_path / "w.pth")

@@ -60,3 +60,32 @@ def test_bad_example_image(exported):
     _, model, _ = exported
     with pytest.raises(ValueError, match="image: the example must be"):
         export_program(model, random_image(40, 300))
+
+
+def _ops(program):
+    return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+
+
+def test_training_switches_export_and_denoising_leaves_the_graph_unchanged(tiny_cfg):
+    """The recipe beyond the paper exports and matches eager at any size; its denoising queries exist only in
+    training, so the graph is the one of the same model without them (the same ops, the same outputs)."""
+    from detectron2.modeling import build_model
+    from export_cases import VARIANTS
+    from paper_variants import RECIPE
+
+    programs, models = {}, {}
+    for name, dn in (("recipe", True), ("without_dn", False)):
+        torch.manual_seed(0)  # the label embedding is built last: the other weights are the same
+        variant = dict(VARIANTS["sparse"], **{k: v for k, v in RECIPE.items() if k not in ("RHO", "USE_ENC_AUX_LOSS")})
+        variant["DN"] = dict(ENABLED=dn)
+        models[name] = build_model(tiny_cfg(**variant)).eval()
+        programs[name] = export_program(models[name], random_image(*SIZES[0]))
+    assert _ops(programs["recipe"]) == _ops(programs["without_dn"])
+    for size in SIZES:
+        image = random_image(*size, seed=1)
+        with torch.no_grad():
+            exported = Detections(*programs["recipe"].module()(image))
+            parity = compare(eager_detections(models["recipe"], image), exported)
+            assert parity.within_tolerance and parity.max_score_diff < 1e-6, parity
+            same = compare(exported, Detections(*programs["without_dn"].module()(image)))
+            assert same.classes_equal and same.max_score_diff == 0 and same.max_box_diff == 0, same

@@ -15,6 +15,7 @@ from sparse_detr.modeling.score_targets import (
     FCOS_LEVEL_RANGES,
     foreground_score_loss,
     foreground_target,
+    level_ranges_from_bounds,
     salience_score_loss,
     salience_target,
     token_centres,
@@ -248,3 +249,12 @@ def test_bad_inputs_are_named():
         salience_target([Target(torch.zeros(2, dtype=torch.long), torch.zeros(2, 5))], levels, [(512, 512)])
     with pytest.raises(ValueError, match="foreground_score_loss"):
         foreground_score_loss(torch.zeros(1, 3), torch.zeros(1, 4), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_level_ranges_from_the_config_bounds():
+    assert level_ranges_from_bounds([64, 128, 256], 4) == FCOS_LEVEL_RANGES
+    assert level_ranges_from_bounds([10.0], 2) == ((-1.0, 10.0), (10.0, math.inf))
+    assert level_ranges_from_bounds([], 1) == ((-1.0, math.inf),)
+    for bounds in ([64, 128], [64, 64, 256], [128, 64, 256], [0, 64, 128]):
+        with pytest.raises(ValueError, match="SCORE_LEVEL_BOUNDS must hold 3 increasing positive bounds"):
+            level_ranges_from_bounds(bounds, 4)

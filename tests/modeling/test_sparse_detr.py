@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
-from paper_variants import BBR_TWO_STAGE, EFFICIENT_DETR, SPARSE_DETR
+from paper_variants import BBR_TWO_STAGE, DAM_DN, EFFICIENT_DETR, FOREGROUND, RECIPE, SALIENCE, SPARSE_DETR
 from torch import nn
 
 from sparse_detr import add_sparse_detr_config
@@ -25,6 +25,14 @@ VARIANTS = {
     "sparse": SPARSE_DETR,
     "sparse_no_enc_aux": dict(SPARSE_DETR, USE_ENC_AUX_LOSS=False),
     "dense_enc_aux": dict(USE_ENC_AUX_LOSS=True),
+    # beyond the paper
+    "foreground": FOREGROUND,
+    "salience": SALIENCE,
+    "dam_dn": DAM_DN,
+    "recipe": RECIPE,
+    "two_stage_dn_mixed_lft": dict(
+        BBR_TWO_STAGE, MIXED_QUERY_SELECTION=True, LOOK_FORWARD_TWICE=True, DN=dict(ENABLED=True)
+    ),
 }
 
 
@@ -45,7 +53,12 @@ def test_variant_trains_and_infers(variant, tiny_cfg, tiny_inputs):
     assert {"class_error", "cardinality_error"} <= set(logged)
     if "RHO" in VARIANTS[variant]:
         assert "loss_mask_prediction" in losses
-        assert {"corr_mask_attn_map_dec_all", "corr_mask_attn_map_dec_3"} <= set(logged)
+        if VARIANTS[variant].get("SCORE_TARGET", "dam") == "dam":
+            assert {"corr_mask_attn_map_dec_all", "corr_mask_attn_map_dec_3"} <= set(logged)
+        else:  # the DAM is not built
+            assert "kept_score_target" in logged and not any(k.startswith("corr_mask") for k in logged)
+    if "DN" in VARIANTS[variant]:
+        assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(losses)
     sum(losses.values()).backward()
     # every trainable parameter takes part (DDP runs without find_unused_parameters)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
@@ -140,8 +153,9 @@ def test_padding_masks_and_per_image_token_counts(tiny_cfg, tiny_inputs):
     assert not (padding.gather(1, out.selection.indices) & kept).any()
 
 
-def test_test_time_rho(tiny_cfg, tiny_inputs):
-    model = _build(tiny_cfg(**dict(VARIANTS["sparse"], RHO=0.2, TEST_RHO=0.5)))
+@pytest.mark.parametrize("variant", ["sparse", "recipe"])
+def test_test_time_rho(variant, tiny_cfg, tiny_inputs):
+    model = _build(tiny_cfg(**dict(VARIANTS[variant], RHO=0.2, TEST_RHO=0.5)))
     inputs = tiny_inputs()
     images, out = _transformer_outputs(model.eval(), inputs)
     valid = (~out.levels.padding_mask).sum(1)
@@ -172,8 +186,9 @@ def test_known_box_maps_back_to_the_original_image(tiny_cfg, tiny_inputs, monkey
     assert len(instances) == 20
 
 
-def test_saliency_maps(tiny_cfg, tiny_inputs):
-    model = _build(tiny_cfg(**VARIANTS["sparse"])).eval()
+@pytest.mark.parametrize("variant", ["sparse", "foreground"])
+def test_saliency_maps(variant, tiny_cfg, tiny_inputs):
+    model = _build(tiny_cfg(**VARIANTS[variant])).eval()
     inputs = tiny_inputs(sizes=[(64, 96), (40, 56)], num_boxes=(1, 1))
     results, saliency = model.inference_with_saliency(inputs)
     assert len(results) == len(saliency) == 2
@@ -243,11 +258,59 @@ def test_encoder_aux_heads_only_run_in_training(tiny_cfg, tiny_inputs):
         (dict(NHEADS=3), "MODEL.SPARSE_DETR.NHEADS"),
         (dict(NUM_CLASSES=0), "MODEL.SPARSE_DETR.NUM_CLASSES"),
         (dict(SET_COST_CLASS=0.0, SET_COST_BBOX=0.0, SET_COST_GIOU=0.0), "MODEL.SPARSE_DETR.SET_COST_CLASS"),
+        (dict(DN=dict(ENABLED=True)), "MODEL.SPARSE_DETR.DN.ENABLED"),
+        (dict(BBR_TWO_STAGE, DN=dict(ENABLED=True, NUMBER=0)), "MODEL.SPARSE_DETR.DN.NUMBER"),
+        (dict(BBR_TWO_STAGE, DN=dict(ENABLED=True, LABEL_NOISE_RATIO=1.5)), "MODEL.SPARSE_DETR.DN.LABEL_NOISE_RATIO"),
+        (dict(BBR_TWO_STAGE, DN=dict(ENABLED=True, BOX_NOISE_SCALE=-1.0)), "MODEL.SPARSE_DETR.DN.BOX_NOISE_SCALE"),
+        (dict(LOOK_FORWARD_TWICE=True), "MODEL.SPARSE_DETR.LOOK_FORWARD_TWICE"),
+        (dict(MIXED_QUERY_SELECTION=True), "MODEL.SPARSE_DETR.MIXED_QUERY_SELECTION"),
+        (dict(SPARSE_DETR, MIXED_QUERY_SELECTION=True), "MODEL.SPARSE_DETR.MIXED_QUERY_SELECTION"),
+        (dict(SCORE_TARGET="foreground"), "MODEL.SPARSE_DETR.SCORE_TARGET"),
+        (dict(SPARSE_DETR, SCORE_TARGET="focus"), "MODEL.SPARSE_DETR.SCORE_TARGET"),
+        (dict(FOREGROUND, SCORE_LEVEL_BOUNDS=[64.0, 128.0]), "MODEL.SPARSE_DETR.SCORE_LEVEL_BOUNDS"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, key, tiny_cfg):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(**overrides))
+
+
+def test_switches_beyond_the_paper_add_only_their_own_parameters(tiny_cfg):
+    """The paper's models keep their state-dict keys; the recipe adds exactly its two new tables."""
+    sparse = _build(tiny_cfg(**SPARSE_DETR)).state_dict()
+    for variant in ("foreground", "salience"):
+        assert list(_build(tiny_cfg(**VARIANTS[variant])).state_dict()) == list(sparse)
+    recipe = _build(tiny_cfg(**RECIPE)).state_dict()
+    assert set(recipe) - set(sparse) == {"transformer.tgt_embed.weight", "dn_label_embed.weight"}
+    assert set(sparse) <= set(recipe)
+    assert recipe["transformer.tgt_embed.weight"].shape == (10, 32) and recipe["dn_label_embed.weight"].shape == (5, 32)
+    assert all(recipe[k].shape == v.shape for k, v in sparse.items())
+
+
+def test_denoising_is_training_only_and_drawn_from_the_global_generator(tiny_cfg, tiny_inputs):
+    """Inference of a model trained with denoising is the same model's without it (the fast path included); the
+    noise of a training forward comes from torch's global generator alone (which the trainer seeds every step)."""
+    from sparse_detr.modeling import prepare_for_inference
+
+    dn = _build(tiny_cfg(**DAM_DN))
+    plain = _build(tiny_cfg(**SPARSE_DETR))
+    plain.load_state_dict({k: v for k, v in dn.state_dict().items() if k != "dn_label_embed.weight"})
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        for a, b in zip(dn.eval()(inputs), plain.eval()(inputs)):
+            assert torch.equal(a["instances"].scores, b["instances"].scores)
+            assert torch.equal(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+        for a, b in zip(prepare_for_inference(dn)(inputs), prepare_for_inference(plain)(inputs)):
+            assert torch.equal(a["instances"].scores, b["instances"].scores)
+
+    dn.train()
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(dn(inputs))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["loss_bbox_dn"], runs[2]["loss_bbox_dn"])
+    assert torch.equal(runs[0]["loss_bbox"], runs[2]["loss_bbox"])  # the matching queries never see the noise
 
 
 def test_built_from_arguments_names_the_argument(tiny_cfg):

@@ -114,6 +114,8 @@ def test_two_stage_with_fewer_tokens_than_queries():
         (dict(num_queries=0), "NUM_QUERIES"),
         (dict(eff_query_init=True), "EFF_QUERY_INIT"),
         (dict(two_stage=True, scoring=True), "scoring_network: a sparse encoder"),
+        (dict(mixed_query_selection=True), "MIXED_QUERY_SELECTION"),
+        (dict(two_stage=True, eff_query_init=True, mixed_query_selection=True), "choose one"),
     ],
 )
 def test_bad_arguments_name_the_config_key(kwargs, message):
@@ -131,3 +133,65 @@ def test_built_from_a_config_or_from_arguments(tiny_cfg):
     assert from_cfg.has_scoring_network and from_cfg.decoder.num_layers == 2
     for (name, a), (_, b) in zip(from_cfg.state_dict().items(), from_args.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _decoder_inputs(transformer):
+    """A list that receives (tgt, query_pos, reference_points) of every decoder call."""
+    calls = []
+    transformer.decoder.register_forward_pre_hook(lambda module, args: calls.append(args[:3]))
+    return calls
+
+
+def test_mixed_query_selection_learned_content_proposal_positions():
+    """DINO's mixed query selection: every image's queries get the learned content (the first k rows with fewer
+    tokens than queries), their positions and references from its own top-k proposals."""
+    torch.manual_seed(0)
+    t = _tiny_transformer(two_stage=True, num_queries=8, mixed_query_selection=True)
+    assert t.tgt_embed.weight.shape == (8, 32) and t.pos_trans.out_features == 32
+    calls = _decoder_inputs(t)
+    srcs, masks, pos = zip(*[_level_inputs([(4, 6), (2, 3)], seed=s) for s in (0, 1)])
+    batch = [torch.cat(x) for x in zip(*srcs)], [torch.cat(x) for x in zip(*masks)], [torch.cat(x) for x in zip(*pos)]
+    t(*batch, None, _heads(2, two_stage=True), refine_boxes=True)
+    tgt, query_pos, references = calls[0]
+    assert torch.equal(tgt[0], t.tgt_embed.weight) and torch.equal(tgt[1], t.tgt_embed.weight)
+    torch.testing.assert_close(query_pos, t._box_embedding(references))
+    assert not torch.equal(references[0], references[1])
+
+    t = _tiny_transformer(two_stage=True, num_queries=100, mixed_query_selection=True)  # 30 tokens: 30 queries
+    calls = _decoder_inputs(t)
+    t(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True), refine_boxes=True)
+    assert torch.equal(calls[0][0][0], t.tgt_embed.weight[:30])
+
+
+def test_denoising_queries_are_decoded_in_front_and_returned_apart():
+    """The denoising queries' content and references go to the decoder in front of the matching queries, their
+    position is the position part of their box embedding; the output splits them off again."""
+    from sparse_detr.modeling.denoising import DenoisingInput, build_denoising_queries
+    from sparse_detr.modeling.structures import Target
+
+    torch.manual_seed(0)
+    t = _tiny_transformer(two_stage=True, num_queries=100)  # 30 tokens: 30 matching queries
+    target = Target(torch.tensor([1, 2]), torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.3, 0.1]]))
+    dq = build_denoising_queries([target], 3, 4, 0.5, 1.0, 100, torch.Generator().manual_seed(0))
+    content = torch.randn(1, dq.num_queries, 32)
+    dn = DenoisingInput(content, dq.unactivated_boxes().sigmoid(), dq.attn_mask)
+    calls = _decoder_inputs(t)
+    out = t(*_level_inputs([(4, 6), (2, 3)]), None, _heads(2, two_stage=True), refine_boxes=True, denoising=dn)
+    tgt, query_pos, references = calls[0]
+    assert tgt.shape == (1, 8 + 30, 32) and torch.equal(tgt[:, :8], content)
+    assert torch.equal(references[:, :8], dn.references)
+    torch.testing.assert_close(query_pos[:, :8], t._box_embedding(dn.references)[..., :32])
+    assert out.denoising.hs.shape == (2, 1, 8, 32) and out.decoder.hs.shape == (2, 1, 30, 32)
+    assert torch.equal(out.denoising.references[0], dn.references)
+
+    with pytest.raises(ValueError, match="build it for num_queries"):
+        small = build_denoising_queries([target], 3, 4, 0.5, 1.0, 10, torch.Generator().manual_seed(0))
+        t(
+            *_level_inputs([(4, 6), (2, 3)]),
+            None,
+            _heads(2, two_stage=True),
+            denoising=dn._replace(self_attn_mask=small.attn_mask),
+        )
+    dense = _tiny_transformer(num_queries=5)
+    with pytest.raises(ValueError, match="TWO_STAGE"):
+        dense(*_level_inputs([(4, 6), (2, 3)]), torch.randn(5, 64), _heads(2), denoising=dn)

@@ -105,6 +105,8 @@ def _commands(workdir: Path, own_coco_dataset) -> Dict[str, List[str]]:
             str(workdir / "out.pth"),
         ],
         "convert_scrl to .pth": ["convert_scrl.py", str(workdir / "a.pth"), str(workdir / "b.pth")],
+        # the table trains for hours: its own check of the variants, before anything runs
+        "convergence": ["convergence.py", "--skip-training", "--variants", "dam", "dino"],
         # the web page starts only with the weights it is to show (it is served in tests/projects/test_app_browser.py)
         "app without its weights": ["app.py", "--config-file", SMOKE, "MODEL.WEIGHTS", str(workdir / "missing.pth")],
     }
@@ -165,6 +167,11 @@ def test_converters(runs):
     assert "FileNotFoundError: reference checkpoint: no such file" in out and "missing.pth" in out
     rc, out = runs["convert_scrl to .pth"]
     assert rc == 2 and "output must end with .pkl" in out  # argparse's usage error, before reading the input
+
+
+def test_convergence(runs):
+    out = _output(runs, "convergence", ok=False)
+    assert "--variants: ['dino']; choose from ['dam', 'foreground', 'salience', 'dam_dn', 'recipe']" in out
 
 
 def test_app_names_missing_weights(runs, workdir):
