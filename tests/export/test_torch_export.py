@@ -66,6 +66,8 @@ def _ops(program):
     return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
 
 
+# two exports of a model trained with denoising (~25 s): the full tier
+@pytest.mark.slow
 def test_training_switches_export_and_denoising_leaves_the_graph_unchanged(tiny_cfg):
     """The recipe beyond the paper exports and matches eager at any size; its denoising queries exist only in
     training, so the graph is the one of the same model without them (the same ops, the same outputs)."""
